@@ -1,0 +1,90 @@
+"""Load and validate the pipeline configuration against its JSON schema.
+
+The schema (``workflow/schemas/config.schema.yaml``) is the single source of
+truth: every key has a type, a default and a description; ``config/README.md``
+is generated from it (``diapipe config-doc``).  Validation fills defaults, and
+a bad config is rejected with the offending key named.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key."""
+
+
+def load_schema(path=None) -> dict:
+    path = Path(path) if path else SCHEMA_PATH
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def validate(config: dict, schema: dict | None = None) -> dict:
+    """Validate ``config`` in place (filling defaults) and return it.
+
+    Raises ConfigError naming the key, e.g. ``config key 'isr.overscan_order':
+    'two' is not of type 'integer'``.
+    """
+    schema = load_schema() if schema is None else schema
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [_describe(e) for e in errors]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    return config
+
+
+def _describe(error) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        where = f"{path}." if path else ""
+        return "unknown config key " + ", ".join(f"'{where}{k}'" for k in extra)
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        where = f"{path}." if path else ""
+        return "missing config key " + ", ".join(f"'{where}{k}'" for k in missing)
+    return f"config key '{path or '<top>'}': {error.message}"
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """Recursively merge ``overlay`` onto a copy of ``base`` (as snakemake --configfile does)."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load(*paths) -> dict:
+    """Load one or more YAML files (later ones overlay earlier ones) and validate."""
+    config: dict = {}
+    for path in paths:
+        with open(path) as fh:
+            config = deep_merge(config, yaml.safe_load(fh) or {})
+    return validate(config)

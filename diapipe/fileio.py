@@ -1,0 +1,60 @@
+"""Atomic output: a file appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str | None = None):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched,
+    so a failed job never leaves a partial product for Snakemake to trust.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_parquet(df, path) -> None:
+    """Write a pandas DataFrame to Parquet atomically, without the pandas index."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def write_fits(hdul, path) -> None:
+    """Write an astropy HDUList atomically, with checksums."""
+    with atomic_path(path) as tmp:
+        hdul.writeto(tmp, overwrite=True, checksum=True)
+
+
+def write_text(text: str, path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+class DiapipeError(RuntimeError):
+    """An error a user can act on: names the file and the dataId."""
+
+    def __init__(self, message: str, path=None, data_id: dict | None = None):
+        parts = [message]
+        if path is not None:
+            parts.append(f"file: {path}")
+        if data_id:
+            parts.append("dataId: " + ", ".join(f"{k}={v}" for k, v in data_id.items()))
+        super().__init__("; ".join(parts))
+        self.path = path
+        self.data_id = data_id

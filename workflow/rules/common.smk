@@ -1,0 +1,75 @@
+# Helpers shared by the rule files: config validation, the dataset table
+# (Butler) and the lists of dataIds.  Python lives here and in the library only.
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(workflow.basedir)
+# Jobs (local, conda or SLURM) import the library from this checkout.
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+
+from diapipe import config as dpconfig
+from diapipe.butler import Butler
+
+# Rejects a bad config before any job starts, naming the key.
+try:
+    dpconfig.validate(config)
+except dpconfig.ConfigError as err:
+    raise WorkflowError(str(err))
+
+BUTLER = Butler(config["datasets"])
+
+
+wildcard_constraints:
+    visit=r"\d+",
+    detector=r"\d+",
+    seq=r"\d+",
+    band=r"[A-Za-z0-9_]+",
+    patch=r"\d+",
+
+
+def path(dataset_type, **data_id):
+    """Path (or Snakemake pattern, when given wildcards as '{name}') of a dataset."""
+    if not data_id:
+        data_id = {k: "{" + k + "}" for k in BUTLER.keys(dataset_type)}
+    return str(BUTLER.get(dataset_type, **data_id))
+
+
+def log_path(rule_name, **data_id):
+    parts = [f"{k}{v}" for k, v in data_id.items()] or ["all"]
+    return f"logs/{rule_name}/" + "_".join(parts) + ".log"
+
+
+def bench_path(rule_name, **data_id):
+    parts = [f"{k}{v}" for k, v in data_id.items()] or ["all"]
+    return f"benchmarks/{rule_name}/" + "_".join(parts) + ".tsv"
+
+
+def detector_mem_mb(factor=1.0, base=500):
+    """Memory (MB) for a per-detector job, from the detector size: factor x 4-byte images."""
+    sim = config["simulate"]
+    npix = sim["nx"] * sim["ny"]
+    return int(base + factor * npix * 4 / 1e6 * 12)
+
+
+def visits():
+    """All science and template visit numbers of the simulated survey."""
+    sim = config["simulate"]
+    return list(range(sim["n_template_visits"] + sim["n_science_visits"]))
+
+
+def detectors():
+    return list(range(config["simulate"]["n_detectors"]))
+
+
+def bands():
+    return list(config["simulate"]["bands"])
+
+
+def all_targets():
+    targets = []
+    targets += simulate_targets()
+    return targets
