@@ -22,9 +22,16 @@ class ConfigError(ValueError):
 
 
 def load_schema(path=None) -> dict:
+    """The full schema, with each stage's block (``$ref: stages/<stage>.schema.yaml``) inlined."""
     path = Path(path) if path else SCHEMA_PATH
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        schema = yaml.safe_load(fh)
+    for name, sub in schema.get("properties", {}).items():
+        ref = sub.get("$ref") if isinstance(sub, dict) else None
+        if ref and not ref.startswith("#"):
+            with open(path.parent / ref) as fh:
+                schema["properties"][name] = yaml.safe_load(fh)
+    return schema
 
 
 def _with_defaults(validator_class):
