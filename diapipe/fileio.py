@@ -36,9 +36,16 @@ def write_parquet(df, path) -> None:
 
 
 def write_fits(hdul, path) -> None:
-    """Write an astropy HDUList atomically, with checksums."""
+    """Write an astropy HDUList atomically, with CHECKSUM/DATASUM cards.
+
+    Not ``writeto(checksum=True)``: astropy then puts the current time in the
+    checksum cards' comments, so the same data would give different bytes on
+    every run.  A fixed comment keeps "same config, same bytes".
+    """
+    for hdu in hdul:
+        hdu.add_checksum(when="HDU checksum")
     with atomic_path(path) as tmp:
-        hdul.writeto(tmp, overwrite=True, checksum=True)
+        hdul.writeto(tmp, overwrite=True, checksum=False)
 
 
 def write_text(text: str, path) -> None:
