@@ -15,6 +15,7 @@ keep electrons and carry the zero point MAGZERO, the AB magnitude of 1 e-).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -129,6 +130,8 @@ class Exposure:
                 h.header.update(self.wcs.to_header(relax=True))
         if self.psf is not None:
             hdus.append(self.psf.to_hdu())
+        # Lets the reader notice a file cut exactly at an HDU boundary.
+        primary.header["NEXTEND"] = (len(hdus) - 1, "number of extensions")
         return fits.HDUList(hdus)
 
     def write(self, path) -> None:
@@ -139,7 +142,35 @@ class Exposure:
     def read(cls, path) -> "Exposure":
         """Read an Exposure file; raise DiapipeError naming the file if it is not one."""
         try:
-            with fits.open(path, memmap=False) as hdul:
+            with warnings.catch_warnings():
+                # astropy only *warns* about a truncated file or a failed checksum and
+                # then returns partial data (a missing VARIANCE would silently become
+                # ones): make both errors, since a damaged product must not be used.
+                warnings.filterwarnings("error", message=r".*truncated.*")
+                warnings.filterwarnings("error", message=r".*(Checksum|Datasum) verification failed.*")
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                hdul = fits.open(path, memmap=False, checksum=True)
+                for hdu in hdul:
+                    hdu.data  # noqa: B018 - load now, inside the warning filter
+                # astropy reports a truncated file only through its logger: check the size.
+                last = hdul.fileinfo(len(hdul) - 1)
+                size = os.path.getsize(path)
+                if last["datLoc"] + last["datSpan"] > size:
+                    hdul.close()
+                    raise DiapipeError(
+                        f"truncated file ({size} bytes, the headers promise {last['datLoc'] + last['datSpan']})",
+                        path,
+                    )
+                nextend = hdul[0].header.get("NEXTEND")
+                if nextend is not None and len(hdul) - 1 < nextend:
+                    hdul.close()
+                    raise DiapipeError(f"truncated file ({len(hdul) - 1} of {nextend} extensions)", path)
+        except DiapipeError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, Warning) as exc:
+            raise DiapipeError(f"cannot read Exposure ({exc})".replace("\n", " "), path) from exc
+        try:
+            with hdul:
                 names = [h.name for h in hdul]
                 if "IMAGE" not in names:
                     raise DiapipeError(f"not an Exposure file (no IMAGE HDU; has {names})", path)
@@ -155,8 +186,11 @@ class Exposure:
                         mask = _remap_mask(mask, planes)
                 variance = hdul["VARIANCE"].data if "VARIANCE" in names else None
                 psf = PixelPsf.from_hdu(hdul["PSF"]) if "PSF" in names else None
-                if "BUNIT" in hdul["IMAGE"].header:
-                    meta["BUNIT"] = hdul["IMAGE"].header["BUNIT"]
+                # BUNIT lives in the IMAGE header; keep it in the metadata only when it
+                # says something (not our default), so a round trip adds no key.
+                bunit = hdul["IMAGE"].header.get("BUNIT")
+                if bunit is not None and "BUNIT" not in meta and bunit != "electron":
+                    meta["BUNIT"] = bunit
         except DiapipeError:
             raise
         except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -178,7 +212,7 @@ def _fits_value(value):
     return value
 
 
-_SKIP = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "DATAID", "CHECKSUM", "DATASUM", "COMMENT", "HISTORY", ""}
+_SKIP = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "NEXTEND", "DATAID", "CHECKSUM", "DATASUM", "COMMENT", "HISTORY", ""}
 
 
 def _metadata_from_header(header) -> dict:
