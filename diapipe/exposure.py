@@ -27,6 +27,8 @@ from . import masks
 from .fileio import DiapipeError, write_fits
 from .psf import PixelPsf
 
+_STANDARD_HDUS = ("PRIMARY", "IMAGE", "MASK", "VARIANCE", "PSF")
+
 # Keys that describe the data, not the file; written to PRIMARY and read back.
 DATA_ID_KEYS = ("visit", "detector", "band", "patch")
 
@@ -72,6 +74,9 @@ class Exposure:
     wcs: WCS | None = None
     psf: PixelPsf | None = None
     metadata: dict = field(default_factory=dict)
+    #: Further HDUs written after the standard ones and read back as they are
+    #: (e.g. a diffexp's KERNEL / STAMPS diagnostics); empty for most exposures.
+    extra_hdus: list = field(default_factory=list)
 
     # Convenience accessors, as afw does.
     @property
@@ -102,6 +107,7 @@ class Exposure:
             psf=PixelPsf(self.psf.components.copy(), self.psf.order, self.psf.x0, self.psf.y0,
                          self.psf.sx, self.psf.sy) if self.psf is not None else None,
             metadata=dict(self.metadata),
+            extra_hdus=[h.copy() for h in self.extra_hdus],
         )
 
     # ------------------------------------------------------------------ I/O
@@ -130,6 +136,7 @@ class Exposure:
                 h.header.update(self.wcs.to_header(relax=True))
         if self.psf is not None:
             hdus.append(self.psf.to_hdu())
+        hdus.extend(self.extra_hdus)
         # Lets the reader notice a file cut exactly at an HDU boundary.
         primary.header["NEXTEND"] = (len(hdus) - 1, "number of extensions")
         return fits.HDUList(hdus)
@@ -191,11 +198,12 @@ class Exposure:
                 bunit = hdul["IMAGE"].header.get("BUNIT")
                 if bunit is not None and "BUNIT" not in meta and bunit != "electron":
                     meta["BUNIT"] = bunit
+                extra = [h.copy() for h in hdul[1:] if h.name not in _STANDARD_HDUS]
         except DiapipeError:
             raise
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise DiapipeError(f"cannot read Exposure ({exc})", path) from exc
-        return cls(MaskedImage(image, mask, variance), wcs=wcs, psf=psf, metadata=meta)
+        return cls(MaskedImage(image, mask, variance), wcs=wcs, psf=psf, metadata=meta, extra_hdus=extra)
 
 
 def _card_key(key: str) -> str:
