@@ -57,7 +57,7 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     'two' is not of type 'integer'``.
     """
     schema = load_schema() if schema is None else schema
-    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         lines = [_describe(e) for e in errors]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
@@ -71,7 +71,11 @@ def _describe(error) -> str:
         where = f"{path}." if path else ""
         return "unknown config key " + ", ".join(f"'{where}{k}'" for k in extra)
     if error.validator == "required":
-        missing = [k for k in error.validator_value if k not in error.instance]
+        # Not from error.instance: the default-filling validator may have added the
+        # key to that (shared) dict after this error was raised.  The message is
+        # "'<key>' is a required property".
+        missing = [error.message.split("'")[1]] if error.message.count("'") >= 2 else []
+        missing = missing or [k for k in error.validator_value if k not in error.instance]
         where = f"{path}." if path else ""
         return "missing config key " + ", ".join(f"'{where}{k}'" for k in missing)
     return f"config key '{path or '<top>'}': {error.message}"
