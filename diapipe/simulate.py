@@ -79,14 +79,21 @@ def sim_config(cfg: dict | None) -> dict:
     ``cfg`` may be the whole pipeline config (with a ``simulate`` key) or the
     block itself; unknown or mistyped keys raise ConfigError naming the key.
     """
-    from .config import ConfigError, load_schema, validate
+    from .config import ConfigError, validate
 
-    block = dict((cfg or {}).get("simulate", cfg or {})) if cfg and "simulate" in cfg else dict(cfg or {})
-    schema = load_schema()["properties"]["simulate"]
+    block = dict(cfg["simulate"]) if cfg and "simulate" in cfg else dict(cfg or {})
+    schema = _sim_schema()
     try:
         return validate(copy.deepcopy(block), schema)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("config key '", "config key 'simulate.")) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _sim_schema() -> dict:
+    from .config import load_schema
+
+    return load_schema()["properties"]["simulate"]
 
 
 def _seed_of(cfg, seed=None) -> int:
@@ -652,7 +659,10 @@ def true_wcs(plan: SurveyPlan, visit: int, detector: int) -> WCS:
     # u' = u + k u (u^2 + v^2),  v' = v + k v (u^2 + v^2): radial cubic about the optical axis.
     a[3, 0] = a[1, 2] = k
     b[2, 1] = b[0, 3] = k
-    ap, bp = _inverse_sip(sim, detector, k)
+    ikey = ("inverse_sip", int(detector))
+    if ikey not in plan._cache:
+        plan._cache[ikey] = _inverse_sip(sim, detector, k)
+    ap, bp = plan._cache[ikey]
     w.sip = Sip(a, b, ap, bp, crpix)
     w.pixel_shape = (sim["nx"], sim["ny"])
     w.wcs.set()
@@ -844,20 +854,35 @@ def _sersic_b(n):
     return 2 * n - 1 / 3 + 4 / (405 * n) + 46 / (25515 * n * n)
 
 
-def _fftconvolve_same(a: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Linear convolution of ``a`` with an odd-sized kernel ``k``, cropped to ``a``'s shape."""
-    shape = [a.shape[i] + k.shape[i] - 1 for i in range(2)]
-    fshape = [int(2 ** math.ceil(math.log2(n))) if n > 64 else n for n in shape]
-    full = np.fft.irfft2(np.fft.rfft2(a, fshape) * np.fft.rfft2(k, fshape), fshape)
-    oy, ox = k.shape[0] // 2, k.shape[1] // 2
-    return full[oy : oy + a.shape[0], ox : ox + a.shape[1]]
+def _fast_len(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (FFT-friendly size)."""
+    best = 1 << (n - 1).bit_length()
+    f5 = 1
+    while f5 < best:
+        f35 = f5
+        while f35 < best:
+            m = f35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            f35 *= 3
+        f5 *= 5
+    return best
 
 
-def _render_galaxy(p_psf: dict, kernel_cache: dict, cell, row, dx, dy, os_=3) -> np.ndarray:
-    """Sersic galaxy (sum = 1) convolved with the PSF, pixel-integrated, centred at (dx, dy)."""
+def _render_galaxy(p_psf: dict, kernel_cache: dict, cell, row, dx, dy) -> np.ndarray:
+    """Sersic galaxy (sum = 1) convolved with the PSF, pixel-integrated, centred at (dx, dy).
+
+    The profile is sampled on an os x os sub-grid per pixel (finer for small
+    galaxies, whose centres are steep), convolved with the PSF sampled on the
+    same grid (FFT; the kernel's transform is cached per detector cell and
+    size), then binned to pixels.
+    """
     reff = row["reff_px"]
     n = row["sersic_n"]
-    h = int(np.clip(math.ceil(4 * reff * (1 + 0.5 * n) + 2 * p_psf["fwhm"]), 6, 64))
+    os_ = 3 if reff < 2.0 else (2 if reff < 5.0 else 1)
+    h = int(np.clip(math.ceil(3 * reff * (1 + 0.5 * n) + 1.5 * p_psf["fwhm"]), 6, 64))
+    h = next(b for b in (8, 12, 16, 24, 32, 48, 64) if b >= h)  # few sizes: cached kernels
     m = 2 * h + 1
     sub = _sub_offsets(os_)
     g = (np.arange(-h, h + 1)[:, None] + sub[None, :]).ravel()
@@ -867,12 +892,16 @@ def _render_galaxy(p_psf: dict, kernel_cache: dict, cell, row, dx, dy, os_=3) ->
     v = -X * s + Y * c
     r = np.sqrt(u * u + (v / row["q"]) ** 2)
     gal = np.exp(-_sersic_b(n) * ((r / reff) ** (1 / n) - 1))
-    if cell not in kernel_cache:
-        hk = int(math.ceil(2.5 * p_psf["fwhm"] * os_))
+    hk = int(math.ceil(2.0 * p_psf["fwhm"] * os_))
+    nfft = _fast_len(m * os_ + 2 * hk)
+    key = (cell, os_, nfft)
+    if key not in kernel_cache:
         gk = np.arange(-hk, hk + 1) / os_
         k = psf_profile(gk[None, :], gk[:, None], p_psf)
-        kernel_cache[cell] = k / k.sum()
-    conv = _fftconvolve_same(gal, kernel_cache[cell])
+        kernel_cache[key] = (np.fft.rfft2(k / k.sum(), (nfft, nfft)), hk)
+    kf, hk = kernel_cache[key]
+    full = np.fft.irfft2(np.fft.rfft2(gal, (nfft, nfft)) * kf, (nfft, nfft))
+    conv = full[hk : hk + m * os_, hk : hk + m * os_]
     out = conv.reshape(m, os_, m, os_).sum(axis=(1, 3))
     out = np.clip(out, 0, None)
     return out / out.sum()
@@ -904,7 +933,7 @@ def render_sky(plan: SurveyPlan, visit: int, detector: int) -> np.ndarray:
     w = true_wcs(plan, visit, detector)
     cd_inv = np.linalg.inv(w.wcs.cd)
     kernel_cache: dict = {}
-    cell_size = max(64, nx // 8)
+    cell_size = max(128, nx // 4)
     for i in range(len(src)):
         if flux[i] <= 0:
             continue
@@ -1065,15 +1094,19 @@ def cosmic_rays(sim: dict, rng, shape, exptime: float) -> np.ndarray:
 
 
 def bleed(electrons: np.ndarray, full_well: float) -> np.ndarray:
-    """Clip at full well and spill the excess charge up and down the column (in place). Returns the SAT map."""
-    over = electrons > full_well
-    for col in np.flatnonzero(over.any(axis=0)):
+    """Clip at full well and spill the excess charge up and down the column (in place).
+
+    Returns the SAT map: pixels at full well plus the partly filled pixel at
+    each end of a trail (it holds spilled charge, so it is not to be trusted).
+    """
+    sat = electrons >= full_well
+    for col in np.flatnonzero((electrons > full_well).any(axis=0)):
         c = electrons[:, col]
-        runs = _runs(c > full_well)
-        for y0, y1 in runs:  # [y0, y1)
+        for y0, y1 in _runs(c > full_well):  # [y0, y1)
             excess = float(np.sum(c[y0:y1] - full_well))
             c[y0:y1] = full_well
-            for direction, remaining in ((1, excess / 2), (-1, excess / 2)):
+            for direction in (1, -1):
+                remaining = excess / 2
                 idx = np.arange(y1, len(c)) if direction == 1 else np.arange(y0 - 1, -1, -1)
                 if len(idx) == 0 or remaining <= 0:
                     continue
@@ -1081,11 +1114,12 @@ def bleed(electrons: np.ndarray, full_well: float) -> np.ndarray:
                 cum = np.cumsum(room)
                 nfull = int(np.searchsorted(cum, remaining))
                 c[idx[:nfull]] = full_well
+                sat[idx[:nfull], col] = True
                 if nfull < len(idx):
-                    left = remaining - (cum[nfull - 1] if nfull > 0 else 0.0)
-                    c[idx[nfull]] += left
+                    c[idx[nfull]] += remaining - (cum[nfull - 1] if nfull > 0 else 0.0)
+                    sat[idx[nfull], col] = True
         electrons[:, col] = c
-    return electrons >= full_well
+    return sat | (electrons >= full_well)
 
 
 def _runs(b: np.ndarray) -> list[tuple[int, int]]:
