@@ -15,6 +15,10 @@ from .fileio import DiapipeError
 # Modules that provide a sub-command (each defines add_cli(subparsers)).
 STAGE_MODULES = [
     "diapipe.simulate",
+    "diapipe.detect",
+    "diapipe.measure",
+    "diapipe.fakes",
+    "diapipe.completeness",
     "diapipe.docs",
 ]
 

@@ -140,9 +140,11 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
 
     Sets the DETECTED / DETECTED_NEGATIVE mask planes of ``diffexp`` in place.
     ``scorr`` is ZOGY's S_corr (unit variance); used instead of the matched
-    filter when given and ``use_scorr`` is 'auto' or true.
+    filter when present and ``use_scorr`` is 'auto' or 'always' ('never' ignores it).
     """
     cfg = {**DEFAULTS, **(config or {})}
+    if scorr is None:
+        scorr = scorr_of(diffexp)
     if diffexp.psf is None:
         raise DiapipeError("difference exposure has no PSF model; cannot build the matched filter",
                            path, diffexp.data_id)
@@ -155,12 +157,12 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
         return Detections([], np.zeros((ny, nx), np.float32), float(cfg["threshold"]), float("nan"), 0)
 
     use_scorr = cfg["use_scorr"]
-    if scorr is not None and use_scorr in ("auto", True, "true"):
+    if scorr is not None and use_scorr in ("auto", "always"):
         nu = np.where(valid & np.isfinite(scorr), scorr, 0).astype(np.float32)
         log.info("detecting on ZOGY S_corr")
     else:
-        if use_scorr in (True, "true"):
-            raise DiapipeError("use_scorr is true but the difference exposure has no SCORR HDU",
+        if use_scorr == "always":
+            raise DiapipeError("use_scorr is 'always' but the difference exposure has no SCORR HDU",
                                path, diffexp.data_id)
         # One PSF for the whole detector (its centre): detection loses < 1% S/N
         # for the few-% FWHM changes across a CCD; measurement uses the local PSF.
@@ -346,13 +348,11 @@ def expected_false_detections_continuous(fwhm_pix, shape, threshold, polarity="b
     return float(ec * (2 if polarity == "both" else 1))
 
 
-def read_scorr(path):
-    """ZOGY's S_corr image from the SCORR HDU of a difference-exposure file, or None."""
-    from astropy.io import fits
-
-    with fits.open(path, memmap=False) as hdul:
-        if "SCORR" in [h.name for h in hdul]:
-            return np.asarray(hdul["SCORR"].data, np.float32)
+def scorr_of(diffexp: Exposure):
+    """ZOGY's S_corr image from the diffexp's SCORR extra HDU, or None."""
+    for hdu in getattr(diffexp, "extra_hdus", []) or []:
+        if hdu.name == "SCORR" and hdu.data is not None and hdu.data.shape == diffexp.shape:
+            return np.asarray(hdu.data, np.float32)
     return None
 
 

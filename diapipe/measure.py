@@ -635,9 +635,8 @@ def run_files(diffexp_path, output, science_path=None, template_path=None, refca
             refcat = pd.read_parquet(refcat_path)
         except (OSError, ValueError) as exc:
             raise DiapipeError(f"cannot read reference catalog ({exc})", refcat_path) from exc
-    scorr = det.read_scorr(diffexp_path)
     table, cutouts, detections = detect_and_measure(diffexp, science, template, refcat, config,
-                                                    scorr=scorr, path=diffexp_path)
+                                                    path=diffexp_path)
     write_parquet(table, output)
     if cutouts_path:
         write_cutouts(table, cutouts, cutouts_path)

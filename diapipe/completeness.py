@@ -1,0 +1,358 @@
+"""Completeness, accuracy and false detections of diaSources, from fakes and (simulated) truth.
+
+* Each fake is matched to the nearest non-negative diaSource of its visit and
+  detector within ``match_radius`` pixels.  Its S/N is the optimal S/N in the
+  difference image, flux * sqrt(sum(P^2 / V)) with the diffexp's PSF and
+  variance at the fake's position (``snrDiff``), or the calexp S/N when no
+  diffexp is given.
+* Completeness per S/N and per magnitude bin (with Wilson 68% intervals), and
+  a fit of C(s) = c_max * Phi((s - s50) / width) by maximum likelihood
+  (binomial), separately for isolated fakes and fakes on galaxies.
+* Flux accuracy: median (psfFlux - flux) / flux and the std of
+  (psfFlux - flux) / psfFluxErr per bin; position accuracy: std of the centroid
+  offset per axis against the Cramer-Rao expectation sqrt(2) * sigma_PSF / S/N.
+* Every diaSource is labelled fake, transient (sn, flare), variable, mover,
+  artefact (at a static star or galaxy: subtraction residual) or false (no
+  counterpart: noise, cosmic ray, defect) using the fakes and truth tables;
+  false detections are counted per visit and detector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special, stats
+from scipy.spatial import cKDTree
+
+from .fileio import atomic_path, write_parquet, write_text
+
+log = logging.getLogger("diapipe.completeness")
+
+DEFAULTS = {
+    "match_radius": 2.0,
+    "snr_bins": [2, 3, 4, 4.5, 5, 5.5, 6, 6.5, 7, 7.5, 8, 10, 15, 20, 30, 50],
+    "mag_bin_width": 0.25,
+    "truth_snr_min": 10.0,
+}
+
+TRANSIENT_KINDS = {"sn": "transient", "flare": "transient", "variable": "variable", "mover": "mover",
+                   "star": "artefact", "galaxy": "artefact"}
+
+
+def _nearest(src_xy, dst_xy, radius):
+    """For each dst point: index of the nearest src point within radius (-1 if none) and distance."""
+    if len(src_xy) == 0 or len(dst_xy) == 0:
+        return np.full(len(dst_xy), -1), np.full(len(dst_xy), np.inf)
+    d, i = cKDTree(src_xy).query(dst_xy, distance_upper_bound=radius)
+    i = np.where(np.isfinite(d), i, -1)
+    return i, d
+
+
+def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> pd.DataFrame:
+    """Fakes with detected, diaSourceId, psfFlux(Err), measured x/y and offsets (per visit, detector)."""
+    out = []
+    for (v, d), f in fakes.groupby(["visit", "detector"], sort=True):
+        s = dia[(dia["visit"] == v) & (dia["detector"] == d) & ~dia["isNegative"].astype(bool)]
+        idx, dist = _nearest(s[["x", "y"]].to_numpy(float), f[["x", "y"]].to_numpy(float), radius)
+        f = f.copy()
+        hit = idx >= 0
+        f["detected"] = hit
+        for col, src_col in (("diaSourceId", "diaSourceId"), ("psfFlux", "psfFlux"), ("psfFluxErr", "psfFluxErr"),
+                             ("xMeas", "x"), ("yMeas", "y"), ("xErr", "xErr"), ("yErr", "yErr"),
+                             ("isDipole", "isDipole")):
+            vals = s[src_col].to_numpy()
+            fill = -1 if col == "diaSourceId" else (False if col == "isDipole" else np.nan)
+            f[col] = np.where(hit, vals[np.clip(idx, 0, max(len(vals) - 1, 0))] if len(vals) else fill, fill)
+        f["dx"] = f["xMeas"] - f["x"]
+        f["dy"] = f["yMeas"] - f["y"]
+        out.append(f)
+    return pd.concat(out, ignore_index=True) if out else fakes.assign(detected=False)
+
+
+def add_diff_snr(fakes: pd.DataFrame, diffexps: dict) -> pd.DataFrame:
+    """Add snrDiff (optimal S/N in the difference image) and psfFwhm; diffexps maps (visit, detector) -> Exposure."""
+    from .fakes import optimal_snr_unit
+
+    snr = np.full(len(fakes), np.nan)
+    fwhm = np.full(len(fakes), np.nan)
+    for k, (v, d, x, y, flux) in enumerate(zip(fakes["visit"], fakes["detector"], fakes["x"], fakes["y"],
+                                               fakes["flux"])):
+        e = diffexps.get((int(v), int(d)))
+        if e is None or e.psf is None:
+            continue
+        snr[k] = flux * optimal_snr_unit(e, x, y)
+        fwhm[k] = e.psf.fwhm(x, y)
+    out = fakes.copy()
+    out["snrDiff"] = snr
+    out["psfFwhm"] = fwhm
+    return out
+
+
+def wilson(k, n, z=1.0):
+    """Wilson score interval (z-sigma) for k successes in n trials."""
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        den = 1 + z * z / n
+        c = (p + z * z / (2 * n)) / den
+        h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return c - h, c + h
+
+
+def fit_completeness(snr, detected) -> dict:
+    """Maximum-likelihood fit of C(s) = c_max * Phi((s - s50) / width) to detected (0/1) vs S/N."""
+    snr = np.asarray(snr, float)
+    det = np.asarray(detected, float)
+    ok = np.isfinite(snr)
+    snr, det = snr[ok], det[ok]
+    if len(snr) < 10 or det.sum() == 0 or det.sum() == len(det):
+        return {"s50": np.nan, "width": np.nan, "cmax": np.nan, "n": int(len(snr))}
+
+    def nll(p):
+        s50, lw, lc = p
+        c = special.expit(lc) * stats.norm.cdf((snr - s50) / np.exp(lw))
+        c = np.clip(c, 1e-12, 1 - 1e-12)
+        return -(det * np.log(c) + (1 - det) * np.log(1 - c)).sum()
+
+    r = optimize.minimize(nll, [5.0, 0.0, 4.0], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-6})
+    s50, lw, lc = r.x
+    # 1-sigma error of s50 from the numerical Hessian of the NLL.
+    try:
+        h = 1e-3
+        f0 = nll(r.x)
+        d2 = (nll(r.x + [h, 0, 0]) - 2 * f0 + nll(r.x - [h, 0, 0])) / h**2
+        s50_err = float(1 / np.sqrt(d2)) if d2 > 0 else np.nan
+    except FloatingPointError:
+        s50_err = np.nan
+    return {"s50": float(s50), "s50_err": s50_err, "width": float(np.exp(lw)), "cmax": float(special.expit(lc)),
+            "n": int(len(snr))}
+
+
+def _robust_std(x):
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if len(x) < 3:
+        return np.nan
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+
+def curve(matched: pd.DataFrame, by: str, bins) -> pd.DataFrame:
+    """Completeness and accuracy per bin of column ``by`` (and per kind)."""
+    rows = []
+    for kind, m in [("all", matched)] + [(k, g) for k, g in matched.groupby("kind")]:
+        vals = m[by].to_numpy(float)
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            sel = m[(vals >= lo) & (vals < hi)]
+            n, k = len(sel), int(sel["detected"].sum())
+            lo_ci, hi_ci = wilson(k, n)
+            d = sel[sel["detected"]]
+            rel = (d["psfFlux"] - d["flux_nJy"]) / d["flux_nJy"]
+            pull = (d["psfFlux"] - d["flux_nJy"]) / d["psfFluxErr"]
+            rows.append({
+                "by": by, "kind": kind, "lo": lo, "hi": hi, "n": n, "nDetected": k,
+                "completeness": k / n if n else np.nan, "completenessLo": lo_ci, "completenessHi": hi_ci,
+                "fluxBiasMedian": float(np.median(rel)) if len(d) else np.nan,
+                "fluxPullStd": float(np.std(pull)) if len(d) > 2 else np.nan,
+                "fluxPullRobustStd": _robust_std(pull),
+                "posErrX": float(np.std(d["dx"])) if len(d) > 2 else np.nan,
+                "posErrY": float(np.std(d["dy"])) if len(d) > 2 else np.nan,
+            })
+    return pd.DataFrame(rows)
+
+
+def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes: pd.DataFrame | None = None,
+             truth_sources: pd.DataFrame | None = None, radius: float = 2.0) -> pd.DataFrame:
+    """Label each diaSource: fake, transient, variable, mover, artefact or false (column ``truthClass``)."""
+    out = dia[["diaSourceId", "visit", "detector", "x", "y", "snr", "isNegative", "isDipole"]].copy()
+    label = np.full(len(out), "false", dtype=object)
+    match_id = np.full(len(out), -1, np.int64)
+    kinds = None
+    if truth_sources is not None and truth_fluxes is not None:
+        kinds = truth_sources.set_index("source_id")["kind"]
+    for (v, d), idx in out.groupby(["visit", "detector"]).groups.items():
+        xy = out.loc[idx, ["x", "y"]].to_numpy(float)
+        lab = label[out.index.get_indexer(idx)]
+        mid = match_id[out.index.get_indexer(idx)]
+        # Truth first (real sky changes), fakes last so a fake on a host is a fake.
+        if kinds is not None:
+            tf = truth_fluxes[(truth_fluxes["visit"] == v) & (truth_fluxes["detector"] == d)]
+            tk = kinds.reindex(tf["source_id"]).to_numpy()
+            # priority: static sources < variable/mover/transient
+            for group in (("star", "galaxy"), ("variable",), ("mover",), ("sn", "flare")):
+                sel = np.isin(tk, group)
+                if not sel.any():
+                    continue
+                t = tf[sel]
+                j, _ = cKDTree(t[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)
+                hit = j < len(t)
+                lab[hit] = TRANSIENT_KINDS[group[0]]
+                mid[hit] = t["source_id"].to_numpy()[j[hit]]
+        if fakes is not None and len(fakes):
+            f = fakes[(fakes["visit"] == v) & (fakes["detector"] == d)]
+            if len(f):
+                j, _ = cKDTree(f[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)
+                hit = j < len(f)
+                lab[hit] = "fake"
+                mid[hit] = f["fakeId"].to_numpy()[j[hit]]
+        label[out.index.get_indexer(idx)] = lab
+        match_id[out.index.get_indexer(idx)] = mid
+    out["truthClass"] = label.astype(str)
+    out["truthId"] = match_id
+    return out
+
+
+def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources: pd.DataFrame, diffexps: dict,
+                   snr_min: float = 10.0, radius: float = 2.0) -> pd.DataFrame:
+    """Simulated transients (sn, flare) and movers per visit: snrDiff and whether detected."""
+    from .fakes import optimal_snr_unit
+
+    kinds = truth_sources.set_index("source_id")["kind"]
+    tf = truth_fluxes.copy()
+    tf["kind"] = kinds.reindex(tf["source_id"]).to_numpy()
+    tf = tf[tf["kind"].isin(["sn", "flare", "mover"])]
+    rows = []
+    for (v, d), t in tf.groupby(["visit", "detector"]):
+        e = diffexps.get((int(v), int(d)))
+        if e is None:
+            continue
+        s = dia[(dia["visit"] == v) & (dia["detector"] == d)]
+        j, _ = _nearest(s[["x", "y"]].to_numpy(float), t[["x", "y"]].to_numpy(float), radius)
+        for k, r in enumerate(t.itertuples()):
+            if not (0 <= r.x < e.shape[1] and 0 <= r.y < e.shape[0]):
+                continue
+            snr = r.flux * optimal_snr_unit(e, r.x, r.y)
+            rows.append({"source_id": r.source_id, "kind": r.kind, "visit": v, "detector": d, "x": r.x, "y": r.y,
+                         "flux": r.flux, "snrDiff": snr, "detected": bool(j[k] >= 0)})
+    out = pd.DataFrame(rows)
+    return out
+
+
+def summary(matched: pd.DataFrame, classes: pd.DataFrame | None, snr_col: str, recovery=None, snr_min=10.0) -> dict:
+    """The headline numbers (what the acceptance criteria ask for)."""
+    res = {"snr_definition": f"{snr_col}: optimal PSF S/N = flux * sqrt(sum(P^2 / V))"}
+    for kind in ("isolated", "host"):
+        m = matched[matched["kind"] == kind]
+        if not len(m):
+            continue
+        fit = fit_completeness(m[snr_col], m["detected"])
+        s7 = m[(m[snr_col] >= 6.5) & (m[snr_col] < 7.5)]
+        d = m[m["detected"] & (m[snr_col] >= 10)]
+        res[kind] = {
+            "n": int(len(m)),
+            "fit": fit,
+            "completeness_snr_6.5_7.5": float(s7["detected"].mean()) if len(s7) else None,
+            "flux_bias_median_snr_gt10": float(np.median((d["psfFlux"] - d["flux_nJy"]) / d["flux_nJy"])) if len(d) else None,
+            "flux_pull_std_snr_gt10": float(np.std((d["psfFlux"] - d["flux_nJy"]) / d["psfFluxErr"])) if len(d) > 2 else None,
+        }
+    if classes is not None and len(classes):
+        per = classes.groupby(["visit", "detector"])["truthClass"].apply(lambda s: int((s == "false").sum()))
+        res["false_per_exposure_mean"] = float(per.mean())
+        res["class_counts"] = {k: int(v) for k, v in classes["truthClass"].value_counts().items()}
+    if recovery is not None and len(recovery):
+        bright = recovery[recovery["snrDiff"] > snr_min]
+        res["truth_recovery_snr_gt_%g" % snr_min] = {
+            k: {"n": int(len(g)), "detected": float(g["detected"].mean())} for k, g in bright.groupby("kind")
+        }
+    return res
+
+
+def plot(curves: pd.DataFrame, matched: pd.DataFrame, snr_col: str, path) -> None:
+    """Completeness vs S/N and magnitude, flux pull and position error: one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    if not len(curves) or not len(matched):
+        ax[0].text(0.5, 0.5, "no fakes", ha="center", transform=ax[0].transAxes)
+        curves = pd.DataFrame(columns=["by", "kind", "lo", "hi", "completeness", "completenessLo", "completenessHi"])
+        matched = pd.DataFrame(columns=["detected", snr_col, "psfFlux", "flux_nJy", "psfFluxErr"], dtype=float)
+    for kind, style in (("isolated", "o-"), ("host", "s--")):
+        c = curves[(curves["by"] == snr_col) & (curves["kind"] == kind)]
+        if len(c):
+            mid = 0.5 * (c["lo"] + c["hi"])
+            ax[0].errorbar(mid, c["completeness"], yerr=[c["completeness"] - c["completenessLo"],
+                                                         c["completenessHi"] - c["completeness"]], fmt=style, label=kind)
+        c = curves[(curves["by"] == "mag") & (curves["kind"] == kind)]
+        if len(c):
+            ax[1].plot(0.5 * (c["lo"] + c["hi"]), c["completeness"], style, label=kind)
+    ax[0].axvline(5, color="grey", lw=0.5)
+    ax[0].axhline(0.5, color="grey", lw=0.5)
+    ax[0].set(xscale="log", xlabel="optimal S/N in difference image", ylabel="completeness", title="fakes")
+    ax[0].legend()
+    ax[1].set(xlabel="injected magnitude (AB)", ylabel="completeness")
+    d = matched[matched["detected"].astype(bool)]
+    ax[2].scatter(d[snr_col], (d["psfFlux"] - d["flux_nJy"]) / d["psfFluxErr"], s=4)
+    ax[2].set(xscale="log", xlabel="S/N", ylabel="(psfFlux - true) / psfFluxErr", ylim=(-6, 6))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def run(dia_path, fakes_paths, out_dir, config=None, diffexp_paths=None, truth_fluxes=None,
+        truth_sources=None) -> dict:
+    """File-level entry: writes matched_fakes.parquet, completeness.parquet, classes.parquet,
+    summary.json and completeness.png into ``out_dir``."""
+    from pathlib import Path
+
+    from .exposure import Exposure
+
+    cfg = {**DEFAULTS, **(config or {})}
+    out_dir = Path(out_dir)
+    dia = pd.read_parquet(dia_path)
+    fakes = pd.concat([pd.read_parquet(p) for p in fakes_paths], ignore_index=True) if fakes_paths else None
+    diffexps = {}
+    for p in diffexp_paths or []:
+        e = Exposure.read(p)
+        diffexps[(int(e.metadata.get("visit", 0)), int(e.metadata.get("detector", 0)))] = e
+    tf = pd.read_parquet(truth_fluxes) if truth_fluxes else None
+    ts = pd.read_parquet(truth_sources) if truth_sources else None
+    snr_col = "snrCalexp"
+    matched = pd.DataFrame()
+    curves = pd.DataFrame()
+    if fakes is not None and len(fakes):
+        if diffexps:
+            fakes = add_diff_snr(fakes, diffexps)
+            snr_col = "snrDiff"
+        matched = match_fakes(dia, fakes, float(cfg["match_radius"]))
+        mags = matched["mag"].to_numpy(float)
+        w = float(cfg["mag_bin_width"])
+        mag_bins = list(np.arange(np.floor(np.nanmin(mags) / w) * w, np.nanmax(mags) + w, w)) if len(mags) else [0, 1]
+        curves = pd.concat([curve(matched, snr_col, list(cfg["snr_bins"])), curve(matched, "mag", mag_bins)],
+                           ignore_index=True)
+    classes = classify(dia, fakes, tf, ts, float(cfg["match_radius"]))
+    recovery = truth_recovery(dia, tf, ts, diffexps, float(cfg["truth_snr_min"])) if (tf is not None and ts is not None and diffexps) else None
+    summ = summary(matched, classes, snr_col, recovery, float(cfg["truth_snr_min"])) if len(matched) else {}
+    write_parquet(matched, out_dir / "matched_fakes.parquet")
+    write_parquet(curves, out_dir / "completeness.parquet")
+    write_parquet(classes, out_dir / "classes.parquet")
+    write_text(json.dumps(summ, indent=2, default=float), out_dir / "summary.json")
+    plot(curves, matched, snr_col, out_dir / "completeness.png")
+    return summ
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("completeness", help="completeness and accuracy from fakes and truth")
+    p.add_argument("diasources", help="diaSources Parquet (run table)")
+    p.add_argument("--fakes", nargs="*", default=[], help="fakes tables")
+    p.add_argument("--diffexp", nargs="*", default=[], help="difference exposures (for the S/N of each fake)")
+    p.add_argument("--truth-fluxes")
+    p.add_argument("--truth-sources")
+    p.add_argument("-o", "--outdir", required=True)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from .logs import setup
+
+    setup()
+    s = run(args.diasources, args.fakes, args.outdir, diffexp_paths=args.diffexp,
+            truth_fluxes=args.truth_fluxes, truth_sources=args.truth_sources)
+    print(json.dumps(s, indent=2, default=float))
+    return 0
