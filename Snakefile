@@ -12,6 +12,8 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/calib.smk"
+include: "workflow/rules/isr.smk"
 
 
 rule all:

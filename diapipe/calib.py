@@ -37,12 +37,12 @@ DEFAULTS = {
     "overscan_fit": "poly",
     "overscan_order": 3,
     "clip_sigma": 4.0,
-    "min_frames": 3,
+    "min_frames": 2,
     "bias_bad_sigma": 8.0,
     "hot_sigma": 6.0,
     "hot_min_rate": 0.05,
     "flat_bad_sigma": 6.0,
-    "flat_bad_frac": 0.05,
+    "flat_bad_frac": 0.2,
     "background_block": 64,
 }
 
@@ -71,7 +71,19 @@ def clipped_mean(frames: list[np.ndarray], nsigma: float = 4.0, chunk_rows: int 
         mad = 1.4826 * np.median(dev, axis=0)
         pooled = np.float32(np.median(mad)) if n > 2 else np.float32(0)
         sigma = np.maximum(mad, pooled)
-        keep = dev <= nsigma * sigma if n > 2 else np.ones(stack.shape, bool)
+        if n > 2:
+            keep = dev <= nsigma * sigma
+        elif n == 2:
+            # Two frames cannot out-vote each other: where they disagree by more than
+            # the noise allows, keep the lower (cosmic rays only add charge).
+            pooled = np.float32(np.median(np.abs(stack[0] - stack[1])) * 1.4826 / np.sqrt(2))
+            differ = np.abs(stack[0] - stack[1]) > nsigma * np.sqrt(2) * pooled
+            low = np.argmin(stack, axis=0)
+            keep = np.ones(stack.shape, bool)
+            keep[0] &= ~(differ & (low == 1))
+            keep[1] &= ~(differ & (low == 0))
+        else:
+            keep = np.ones(stack.shape, bool)
         k = keep.sum(0)
         s = np.where(keep, stack, 0).sum(0)
         m = s / np.maximum(k, 1)
@@ -112,25 +124,26 @@ def _robust_std(x: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
 
-def bad_columns(dev: np.ndarray, flagged: np.ndarray, amp_map: np.ndarray, threshold: float) -> np.ndarray:
-    """Bad columns: pixels to flag as a whole column segment (within each amplifier's rows).
+def defect_map(dev: np.ndarray, threshold: float, sign: int = 0, window: int = 31) -> np.ndarray:
+    """Defective pixels of a master from its deviation ``dev`` from the local level.
 
-    ``dev`` is a master's deviation from its local level (physical units) and
-    ``threshold`` the per-pixel defect threshold in the same units.  A column
-    whose median deviation exceeds half the threshold (the median of a
-    column is far less noisy than one pixel) is flagged over the amplifier's
-    rows; in other columns, gaps of up to 4 pixels between flagged pixels are
-    filled (a defect that runs along a column with a few pixels in the noise).
+    A pixel is flagged when its deviation exceeds ``threshold`` (``sign`` +1:
+    only high, e.g. hot; -1: only low; 0: both).  Bad columns (hot or low
+    segments running along a column, possibly from a trap part-way up) are
+    found by a running mean of the (clipped) deviation along each column over
+    ``window`` rows: where it exceeds half the threshold the pixels are flagged
+    even if single pixels are within the noise.  Gaps of up to 3 pixels between
+    flagged pixels of a column are filled.
     """
-    out = ndimage.binary_closing(flagged, structure=np.ones((5, 1), bool)) | flagged
-    for a in np.unique(amp_map):
-        rows = np.nonzero((amp_map == a).any(axis=1))[0]
-        cols = np.nonzero((amp_map == a).any(axis=0))[0]
-        colmed = np.median(dev[np.ix_(rows, cols)], axis=0)
-        hit = cols[np.abs(colmed) > 0.5 * threshold]
-        if hit.size:
-            out[np.ix_(rows, hit)] = True
-    return out
+    d = dev if sign == 0 else sign * dev
+    # Clip so that one very hot pixel does not make its column segment look bad.
+    capped = np.clip(d, -2 * threshold, 2 * threshold)
+    run = ndimage.uniform_filter1d(capped, size=window, axis=0, mode="nearest")
+    if sign == 0:
+        flagged = (np.abs(d) > threshold) | (np.abs(run) > 0.5 * threshold)
+    else:
+        flagged = (d > threshold) | (run > 0.5 * threshold)
+    return flagged | ndimage.binary_closing(flagged, structure=np.ones((5, 1), bool))
 
 
 # ---------------------------------------------------------------- frames
@@ -183,9 +196,11 @@ def make_master_bias(paths, config: dict | None = None, data_id: dict | None = N
     data_id = dict(data_id or {})
     frames, amp_map = _load_frames(paths, "bias", cfg, data_id)
     mean, var, _ = clipped_mean([a.image for _, a in frames], cfg["clip_sigma"])
-    dev = mean - smooth_background(mean, cfg["background_block"])
+    # The bias has legitimate column patterns and a ramp at the start of the readout
+    # (the master bias removes them): compare each pixel with its column neighbours only.
+    dev = mean - ndimage.median_filter(mean, size=(9, 1), mode="nearest")
     thresh = cfg["bias_bad_sigma"] * np.sqrt(max(float(np.median(var)), 1e-12))
-    bad = bad_columns(dev, np.abs(dev) > thresh, amp_map, thresh)
+    bad = np.abs(dev) > thresh
     return _finish("bias", frames, data_id, mean, var, bad, "electron")
 
 
@@ -208,7 +223,7 @@ def make_master_dark(paths, bias: Exposure | None = None, config: dict | None = 
     level = smooth_background(mean, cfg["background_block"])
     dev = mean - level
     thresh = max(cfg["hot_sigma"] * _robust_std(dev), cfg["hot_min_rate"])
-    bad = bad_columns(dev, dev > thresh, amp_map, thresh)
+    bad = defect_map(dev, thresh, sign=+1)
     if bias is not None:
         bad |= masks.is_set(bias.mask, "BAD")
     return _finish("dark", frames, data_id, mean, var, bad, "electron/s")
@@ -244,13 +259,14 @@ def make_master_flat(paths, bias: Exposure | None = None, dark: Exposure | None 
         normed.append(img / np.float32(level))
     mean, var, _ = clipped_mean(normed, cfg["clip_sigma"])
     del normed
-    norm = float(np.median(mean))
-    mean /= norm
-    var /= norm**2
     ratio = mean / smooth_background(mean, cfg["background_block"])
     dev = np.where(np.isfinite(ratio), ratio - 1, -1.0)
     thresh = max(cfg["flat_bad_sigma"] * _robust_std(dev), cfg["flat_bad_frac"])
-    bad = bad_columns(dev, np.abs(dev) > thresh, amp_map, thresh)
+    bad = defect_map(dev, thresh, sign=0)
+    # Unit median over the good pixels (the convention of the simulator's truth).
+    norm = float(np.median(mean[~bad]))
+    mean /= norm
+    var /= norm**2
     for m in (bias, dark):
         if m is not None:
             bad |= masks.is_set(m.mask, "BAD")

@@ -15,6 +15,8 @@ from .fileio import DiapipeError
 # Modules that provide a sub-command (each defines add_cli(subparsers)).
 STAGE_MODULES = [
     "diapipe.simulate",
+    "diapipe.calib",
+    "diapipe.isr",
     "diapipe.detect",
     "diapipe.measure",
     "diapipe.fakes",

@@ -22,6 +22,7 @@ L.A.Cosmic are evaluated only at candidate pixels (see ``find_cosmic_rays``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -55,7 +56,7 @@ DEFAULTS = {
     "cr_sigfrac": 0.3,
     "cr_objlim": 3.0,
     "cr_niter": 4,
-    "cr_grow": 0,
+    "cr_grow": 1,
     "cr_interpolate": True,
 }
 
@@ -182,7 +183,13 @@ def read_raw(path, data_id: dict | None = None, required=REQUIRED_KEYS) -> RawFr
         raise
     except (OSError, ValueError, TypeError, IndexError, AstropyUserWarning) as exc:
         raise DiapipeError(f"cannot read raw FITS, truncated or corrupt? ({exc})", path, given) from exc
-    ids = {**data_id_from_header(header), **given}
+    from_header = data_id_from_header(header)
+    ids = {**from_header, **given}
+    clash = [k for k in ("visit", "detector") if k in given and k in from_header
+             and str(given[k]) != str(from_header[k])]
+    if clash:
+        raise DiapipeError("raw header disagrees with the dataId: " + ", ".join(
+            f"header {k}={from_header[k]}" for k in clash) + " (wrong file in this place?)", path, given)
     # A band given by the caller stands in for a FILTER card (real cameras spell it differently).
     missing = [k for k in required if (k not in header or header[k] in (None, ""))
                and not (k == "FILTER" and "band" in given)]
@@ -392,7 +399,7 @@ def run_isr(raw: RawFrame, bias: Exposure | None = None, dark: Exposure | None =
         mask |= bias.mask & masks.bit("BAD")
     darktime = float(raw.header.get("DARKTIME", raw.header.get("EXPTIME", 0.0)) or 0.0)
     # Poisson part of the variance: dark electrons and sky+source electrons, before the flat.
-    signal = np.maximum(image, 0)
+    signal = _signal_for_variance(image, noise_var)
     if dark is not None:
         image -= dark.image * np.float32(darktime)
         noise_var += dark.variance * np.float32(darktime**2)
@@ -438,11 +445,23 @@ def run_isr(raw: RawFrame, bias: Exposure | None = None, dark: Exposure | None =
     meta = _metadata(raw, asm, darktime)
     meta["NCRPIX"] = int(masks.is_set(mask, "CR").sum())
     meta["NSATPIX"] = int(masks.is_set(mask, "SAT").sum())
-    for label, m in (("BIASFILE", bias), ("DARKFILE", dark), ("FLATFILE", flat)):
-        if m is not None and "FILENAME" in m.metadata:
-            meta[label] = m.metadata["FILENAME"]
     wcs = raw_wcs(raw.header)
     return Exposure(MaskedImage(image, mask, variance), wcs=wcs, metadata=meta)
+
+
+def _signal_for_variance(image: np.ndarray, read_var: np.ndarray, nsigma: float = 3.0) -> np.ndarray:
+    """Expected electrons of each pixel, for its Poisson variance (e-, >= 0).
+
+    The pixel's own value is a noisy estimate: using it makes low pixels look
+    less noisy than high ones and biases (image - truth)/sigma low by about
+    1/(2 sqrt(sky)).  The 3x3 mean has a ninth of that noise; where a pixel
+    stands more than ``nsigma`` above it (star peaks, cosmic rays) its own value
+    is kept so that peaks are not given too little variance.
+    """
+    smooth = ndimage.uniform_filter(image, size=3, mode="nearest")
+    np.maximum(smooth, 0, out=smooth)
+    peak = image - smooth > nsigma * np.sqrt(smooth + read_var)
+    return np.where(peak, np.maximum(image, 0), smooth)
 
 
 def _metadata(raw: RawFrame, asm: Assembled, darktime: float) -> dict:
@@ -494,12 +513,15 @@ def _laplacian_plus(img: np.ndarray) -> np.ndarray:
     """
     p = np.pad(img, 1, mode="edge")
     c2 = 2 * p[1:-1, 1:-1]
-    up, down, left, right = p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]
     out = np.zeros(img.shape, np.float32)
-    for v in (up, down):
-        t = c2 - v
-        for h in (left, right):
-            out += np.maximum(t - h, 0)
+    t = np.empty(img.shape, np.float32)
+    u = np.empty(img.shape, np.float32)
+    for v in (p[:-2, 1:-1], p[2:, 1:-1]):
+        np.subtract(c2, v, out=t)
+        for h in (p[1:-1, :-2], p[1:-1, 2:]):
+            np.subtract(t, h, out=u)
+            np.maximum(u, 0, out=u)
+            out += u
     out *= 0.25
     return out
 
@@ -512,38 +534,64 @@ def _gather(a, ys, xs, offsets) -> np.ndarray:
     return a[yy, xx]
 
 
-def _as_array(v, shape):
-    return v if np.ndim(v) else np.full(shape, v, np.float32)
+def _median_last(a: np.ndarray) -> np.ndarray:
+    """Median over the last axis of odd length (partition only: faster than np.median)."""
+    k = a.shape[-1] // 2
+    return np.partition(a, k, axis=-1)[..., k]
 
 
-def _local_stats(img, floor, scale, ys, xs):
+def _lplus_windows(c: np.ndarray) -> np.ndarray:
+    """L+ at the inner pixels of windows c (n, m, m) -> (n, m-2, m-2)."""
+    c2 = 2 * c[:, 1:-1, 1:-1]
+    lp = np.zeros(c2.shape, np.float32)
+    for v in (c[:, :-2, 1:-1], c[:, 2:, 1:-1]):
+        for h in (c[:, 1:-1, :-2], c[:, 1:-1, 2:]):
+            lp += np.maximum(c2 - v - h, 0)
+    return lp * 0.25
+
+
+def _noise(floor, scale, ys, xs, m5, off):
+    fl = _gather(floor, ys, xs, off) if np.ndim(floor) else floor
+    sc = _gather(scale, ys, xs, off) if np.ndim(scale) else scale
+    return np.sqrt(np.maximum(fl + sc * np.maximum(m5, 0), 1e-6))
+
+
+def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
     """Exact L.A.Cosmic statistics at pixels (ys, xs).
 
-    Returns (S', fine-structure F / noise), computed from 9x9 windows:
-    noise N = sqrt(floor + scale * max(med5(I), 0)); S = L+ / (2 N);
+    Returns (S', fine structure F / N), from 9x9 windows:
+    N = sqrt(floor + scale * max(med5(I), 0)); S = L+ / (2 N);
     S' = S - med5(S); F = med3(I) - med7(med3(I)).
+    Since L+ >= 0, S' <= S at the centre: pixels whose central S is not above
+    ``thresh`` are settled with 25 pixels each (S' reported as -inf, F as 1).
     """
-    win = _gather(img, ys, xs, _OFF9).astype(np.float32)  # (n, 9, 9)
-    # L+ on the central 5x5 from the 7x7 core of the window.
-    c = win[:, 1:-1, 1:-1]
-    c2 = 2 * c[:, 1:-1, 1:-1]
-    up, down, left, right = c[:, :-2, 1:-1], c[:, 2:, 1:-1], c[:, 1:-1, :-2], c[:, 1:-1, 2:]
-    lp = np.zeros(c2.shape, np.float32)
-    for v in (up, down):
-        for h in (left, right):
-            lp += np.maximum(c2 - v - h, 0)
-    lp *= 0.25  # (n, 5, 5)
-    off5 = _OFF9[2:-2]
-    m5 = np.median(sliding_window_view(win, (5, 5), axis=(1, 2)).reshape(len(ys), 5, 5, 25), axis=-1)
-    fl = _gather(floor, ys, xs, off5) if np.ndim(floor) else floor
-    sc = _gather(scale, ys, xs, off5) if np.ndim(scale) else scale
-    noise = np.sqrt(np.maximum(fl + sc * np.maximum(m5, 0), 1e-6))
+    n = len(ys)
+    sp = np.full(n, -np.inf, np.float32)
+    fs = np.ones(n, np.float32)
+    if n == 0:
+        return sp, fs
+    # Stage 1: S at the centre only (5x5 window).
+    w5 = _gather(img, ys, xs, _OFF9[2:-2]).astype(np.float32, copy=False)
+    m5c = _median_last(w5.reshape(n, 25))
+    lpc = _lplus_windows(w5[:, 1:-1, 1:-1])[:, 0, 0]
+    nc = _noise(floor, scale, ys, xs, m5c[:, None, None], np.zeros(1, int))[:, 0, 0]
+    go = np.nonzero(lpc / (2 * nc) > thresh)[0]
+    if go.size == 0:
+        return sp, fs
+    ys, xs = ys[go], xs[go]
+    k = go.size
+    # Stage 2: the full statistics.
+    win = _gather(img, ys, xs, _OFF9).astype(np.float32, copy=False)  # (k, 9, 9)
+    lp = _lplus_windows(win[:, 1:-1, 1:-1])  # (k, 5, 5)
+    m5 = _median_last(sliding_window_view(win, (5, 5), axis=(1, 2)).reshape(k, 5, 5, 25))
+    noise = _noise(floor, scale, ys, xs, m5, _OFF9[2:-2])
     s = lp / (2 * noise)
-    sprime = s[:, 2, 2] - np.median(s.reshape(len(ys), 25), axis=1)
-    m3 = np.median(sliding_window_view(win, (3, 3), axis=(1, 2)).reshape(len(ys), 7, 7, 9), axis=-1)
-    fine = m3[:, 3, 3] - np.median(m3.reshape(len(ys), 49), axis=1)
-    fine = np.maximum(fine / noise[:, 2, 2], 0.01)
-    return sprime, fine
+    sp[go] = s[:, 2, 2] - _median_last(s.reshape(k, 25))
+    if fine:
+        m3 = _median_last(sliding_window_view(win, (3, 3), axis=(1, 2)).reshape(k, 7, 7, 9))
+        f = m3[:, 3, 3] - _median_last(m3.reshape(k, 49))
+        fs[go] = np.maximum(f / noise[:, 2, 2], 0.01)
+    return sp, fs
 
 
 def _neighbours(ys, xs, shape, radius=1):
@@ -589,26 +637,34 @@ def _clean_values(img, cr, ys, xs) -> np.ndarray:
     return np.where(np.isfinite(vals), vals, 0.0).astype(np.float32)
 
 
-def _fill_along_rows(img, bad) -> np.ndarray:
-    """Copy of ``img`` with ``bad`` pixels linearly interpolated from the nearest good
-    pixels on the same row (bad columns and bleed trails are vertical)."""
-    out = img.copy()
-    rows = np.nonzero(bad.any(axis=1))[0]
-    if rows.size == 0:
-        return out
-    sub, b = img[rows], bad[rows]
-    nx = img.shape[1]
-    idx = np.arange(nx)
-    left = np.maximum.accumulate(np.where(~b, idx, -1), axis=1)
-    right = np.minimum.accumulate(np.where(~b, idx, nx)[:, ::-1], axis=1)[:, ::-1]
-    r = np.arange(len(rows))[:, None]
-    lv = np.where(left >= 0, sub[r, np.clip(left, 0, nx - 1)], np.nan)
-    rv = np.where(right < nx, sub[r, np.clip(right, 0, nx - 1)], np.nan)
-    w = np.where((left >= 0) & (right < nx), (idx - left) / np.maximum(right - left, 1), 0.5)
-    fill = np.where(np.isnan(lv), rv, np.where(np.isnan(rv), lv, lv + w * (rv - lv)))
-    fill = np.where(np.isnan(fill), 0.0, fill)
-    out[rows] = np.where(b, fill, sub).astype(img.dtype)
-    return out
+def _fill_along_rows(img, bad) -> None:
+    """Interpolate ``bad`` pixels of ``img`` in place, linearly between the nearest good
+    pixels on the same row (bad columns and bleed trails are vertical).
+
+    Works on the runs of bad pixels, so its cost grows with their number, not
+    with the image size.
+    """
+    ny, nx = img.shape
+    padded = np.zeros((ny, nx + 2), np.int8)
+    padded[:, 1:-1] = bad
+    d = np.diff(padded.ravel())
+    starts = np.flatnonzero(d == 1) + 1
+    ends = np.flatnonzero(d == -1) + 1
+    if starts.size == 0:
+        return
+    row = starts // (nx + 2)
+    c0 = starts % (nx + 2) - 1  # first bad column
+    c1 = ends % (nx + 2) - 1  # one past the last bad column
+    lv = img[row, np.maximum(c0 - 1, 0)]
+    rv = img[row, np.minimum(c1, nx - 1)]
+    lv = np.where(c0 == 0, rv, lv)
+    rv = np.where(c1 == nx, lv, rv)
+    length = c1 - c0
+    rr = np.repeat(row, length)
+    first = np.repeat(c0, length)
+    cc = np.arange(rr.size) - np.repeat(np.cumsum(length) - length, length) + first
+    w = (cc - first + 1) / np.repeat(length + 1, length)
+    img[rr, cc] = np.repeat(lv, length) + w * np.repeat(rv - lv, length)
 
 
 def find_cosmic_rays(image, noise_floor, poisson_scale=1.0, exclude=None, sigclip=4.5,
@@ -622,84 +678,116 @@ def find_cosmic_rays(image, noise_floor, poisson_scale=1.0, exclude=None, sigcli
     exclude : pixels never flagged (BAD, SAT); they are interpolated along rows first
         so that their edges do not look like cosmic rays.
 
-    A pixel is a cosmic ray when S' = L+/(2N) - med5(...) > sigclip (sharp
+    A pixel is a cosmic ray when S' = L+/(2N) - med5(L+/(2N)) > sigclip (sharp
     against the noise N from the 5x5 median) and S'/(F/N) > objlim (sharper
     than stars: F is the fine structure med3 - med7(med3)).  Flagged pixels
-    grow to neighbours with S' > sigclip, then to their neighbours with
-    S' > sigfrac * sigclip; flagged pixels are replaced by local medians and the
-    search repeats near them up to ``niter`` times.
+    are replaced by local medians and grow to neighbours with S' > sigclip,
+    then to their neighbours with S' > sigfrac * sigclip; the search repeats
+    near replaced pixels up to ``niter`` times.
 
     Speed: the median filters are evaluated only at candidate pixels (those
-    whose S, with a noise floor from a coarse background, passes sigclip),
-    never over the whole image.  Returns (cr bool mask, cleaned image).
+    whose L+ passes sigclip against a noise floor from a coarse background,
+    then against the exact noise at the pixel), never over the whole image.
+    Returns (cr bool mask, cleaned image).
     """
-    img = np.asarray(image, np.float32)
+    img = np.array(image, np.float32)
     shape = img.shape
     exclude = np.zeros(shape, bool) if exclude is None else exclude
     if exclude.any():
-        img = _fill_along_rows(img, exclude)
-    else:
-        img = img.copy()
+        _fill_along_rows(img, exclude)
     cr = np.zeros(shape, bool)
     bkg = _coarse_background(img)
-    floor_arr = noise_floor
-    low_noise = np.sqrt(np.maximum(floor_arr + poisson_scale * np.maximum(bkg, 0), 1e-6))
-    del bkg
+    low_noise = bkg
+    np.maximum(bkg, 0, out=low_noise)
+    low_noise *= poisson_scale
+    low_noise += noise_floor
+    np.sqrt(low_noise, out=low_noise)
     # First pass over the whole image with the cheap noise bound.
     lplus = _laplacian_plus(img)
-    cand = lplus > (2 * sigclip) * low_noise
+    lplus /= low_noise
+    cand = lplus > 2 * sigclip
+    del lplus
     cand &= ~exclude
     ys, xs = np.nonzero(cand)
-    del lplus, cand
+    del cand
     for it in range(max(int(niter), 1)):
         if ys.size == 0:
             break
-        sp, fine = _local_stats(img, noise_floor, poisson_scale, ys, xs)
+        sp, fine = _local_stats(img, noise_floor, poisson_scale, ys, xs, thresh=sigclip)
         hit = (sp > sigclip) & (sp / fine > objlim)
-        ny_, nx_ = ys[hit], xs[hit]
-        if ny_.size == 0:
+        hy, hx = ys[hit], xs[hit]
+        if hy.size == 0:
             break
-        new = np.zeros(shape, bool)
-        new[ny_, nx_] = True
+        cr[hy, hx] = True
+        img[hy, hx] = _clean_values(img, cr, hy, hx)
+        new_y, new_x = [hy], [hx]
         # Grow: neighbours with S' > sigclip, then neighbours of those with S' > sigfrac*sigclip.
+        # S' is evaluated after the confirmed pixels are replaced, so that a bright
+        # pixel does not hide the fainter charge next to it along the track.
+        gy0, gx0 = hy, hx
         for thresh in (sigclip, sigfrac * sigclip):
-            gy, gx = _neighbours(*np.nonzero(new), shape)
-            keep = ~new[gy, gx] & ~exclude[gy, gx] & ~cr[gy, gx]
+            gy, gx = _neighbours(gy0, gx0, shape)
+            keep = ~cr[gy, gx] & ~exclude[gy, gx]
             gy, gx = gy[keep], gx[keep]
-            if gy.size:
-                gsp, _ = _local_stats(img, noise_floor, poisson_scale, gy, gx)
-                sel = gsp > thresh
-                new[gy[sel], gx[sel]] = True
-        new &= ~cr
-        nys, nxs = np.nonzero(new)
-        if nys.size == 0:
-            break
-        cr |= new
-        img[nys, nxs] = _clean_values(img, cr, nys, nxs)
+            gsp, _ = _local_stats(img, noise_floor, poisson_scale, gy, gx, thresh=thresh, fine=False)
+            sel = gsp > thresh
+            gy, gx = gy[sel], gx[sel]
+            if gy.size == 0:
+                break
+            cr[gy, gx] = True
+            img[gy, gx] = _clean_values(img, cr, gy, gx)
+            new_y.append(gy)
+            new_x.append(gx)
+            gy0, gx0 = np.concatenate([gy0, gy]), np.concatenate([gx0, gx])
+        nys, nxs = np.concatenate(new_y), np.concatenate(new_x)
         log.debug("L.A.Cosmic iteration %d: %d new CR pixels", it + 1, nys.size)
         # Next pass: only pixels near the replaced ones can change.
         ys, xs = _neighbours(nys, nxs, shape, radius=2)
         keep = ~cr[ys, xs] & ~exclude[ys, xs]
         ys, xs = ys[keep], xs[keep]
         if ys.size:
-            w = _gather(img, ys, xs, np.arange(-1, 2))
-            c2 = 2 * w[:, 1, 1]
-            lp = sum(np.maximum(c2 - w[:, v, 1] - w[:, 1, h], 0) for v in (0, 2) for h in (0, 2)) / 4
-            ln = low_noise[ys, xs]
-            sel = lp > 2 * sigclip * ln
+            lp = _lplus_windows(_gather(img, ys, xs, np.arange(-1, 2)))[:, 0, 0]
+            sel = lp > 2 * sigclip * low_noise[ys, xs]
             ys, xs = ys[sel], xs[sel]
     return cr, img
 
 
 # ---------------------------------------------------------------- file level
+def select_flat(flat_paths, raw: RawFrame) -> str | None:
+    """The master flat among ``flat_paths`` whose band is the raw's (FILTER)."""
+    if flat_paths is None or isinstance(flat_paths, (str, bytes)) or hasattr(flat_paths, "__fspath__"):
+        return flat_paths
+    flat_paths = list(flat_paths)
+    if not flat_paths:
+        return None
+    band = str(raw.data_id.get("band", "")).strip()
+    found = {}
+    for p in flat_paths:
+        try:
+            h = fits.getheader(p, 0)
+        except OSError as exc:
+            raise DiapipeError(f"cannot read master flat ({exc})", p, raw.data_id) from exc
+        ids = json.loads(h.get("DATAID", "{}"))
+        found[str(ids.get("band", h.get("FILTER", "")))] = p
+    if band not in found:
+        raise raw.error(f"no master flat for band {band!r} (have {sorted(found)})")
+    return found[band]
+
+
 def isr_file(raw_path, out_path, bias_path=None, dark_path=None, flat_path=None,
              config: dict | None = None, data_id: dict | None = None) -> Exposure:
-    """Read a raw and the masters, run ISR, write the postisr Exposure atomically."""
+    """Read a raw and the masters, run ISR, write the postisr Exposure atomically.
+
+    ``flat_path`` may be one file or a list of master flats of several bands:
+    the one matching the raw's FILTER is used.
+    """
     raw = read_raw(raw_path, data_id)
-    masters = []
-    for p in (bias_path, dark_path, flat_path):
-        masters.append(Exposure.read(p) if p else None)
+    flat_path = select_flat(flat_path, raw)
+    masters = [Exposure.read(p) if p else None for p in (bias_path, dark_path, flat_path)]
     exp = run_isr(raw, *masters, config=config)
+    for label, p in (("BIASFILE", bias_path), ("DARKFILE", dark_path), ("FLATFILE", flat_path)):
+        if p:
+            exp.metadata[label] = str(p)[-68:]
     exp.write(out_path)
     log.info(
         "isr %s -> %s: %d CR, %d SAT pixels; overscan residuals %s ADU",

@@ -72,4 +72,5 @@ def bands():
 def all_targets():
     targets = []
     targets += simulate_targets()
+    targets += isr_targets()
     return targets

@@ -1,0 +1,16 @@
+"""Snakemake entry: ISR of one raw frame -> postisr Exposure."""
+
+from diapipe import isr, logs
+
+sm = snakemake  # noqa: F821
+log = logs.setup(sm.log[0])
+data_id = {"visit": int(sm.wildcards.visit), "detector": int(sm.wildcards.detector)}
+isr.isr_file(
+    sm.input.raw,
+    sm.output.postisr,
+    bias_path=sm.input.bias,
+    dark_path=sm.input.dark,
+    flat_path=list(sm.input.flats),
+    config=dict(sm.params.isr),
+    data_id=data_id,
+)
