@@ -14,6 +14,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/calib.smk"
 include: "workflow/rules/isr.smk"
+include: "workflow/rules/subtract.smk"
 
 
 rule all:
