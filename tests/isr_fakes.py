@@ -46,7 +46,7 @@ class Camera:
         self.dark[:, 140] += 1.0
         self.bad[:, 140] = True
         self.flat = self.flat / np.median(self.flat)
-        self.drift = [np.polynomial.Polynomial([0, 2.0 * (i + 1), -1.5]) for i in range(NAMP)]
+        self.drift = [np.polynomial.Polynomial([0, 6.0 * (i + 1), -4.0 * (i + 1)]) for i in range(NAMP)]
 
     def raw(self, electrons_ideal, path, *, exptime, darktime=None, obstype="object", band="r",
             seed=0, n_cr=0, header_extra=None):
@@ -173,3 +173,34 @@ def calib_set(cam: Camera, tmp, n=5, band="r", seed=100):
                 band=band, seed=seed + 20 + i)
         paths["flat"].append(p)
     return paths
+
+
+def simulated_detector(out, visits=(0,), detector=0, overlay="config/tiny.yaml"):
+    """Simulator output for one detector of the tiny survey, written under ``out``:
+    raw calibration frames, raws and truth exposures of ``visits``.
+
+    Returns dict(cfg, plan, bias/dark/flat: lists of raw paths, raw: {visit: path},
+    truth: {visit: path}).  Uses diapipe.simulate directly (no Snakemake).
+    """
+    from pathlib import Path
+
+    from diapipe import config as dpconfig
+    from diapipe import simulate
+    from diapipe.fileio import write_fits
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = dpconfig.load(repo / "config/config.yaml", repo / overlay)
+    plan = simulate.plan_survey(cfg)
+    out = Path(out)
+    res = {"cfg": cfg, "plan": plan, "bias": [], "dark": [], "flat": [], "raw": {}, "truth": {}}
+    for c in simulate.calib_frames(cfg):
+        if c["detector"] != detector:
+            continue
+        p = out / f"{c['kind']}_{c['band']}_{detector}_{c['seq']}.fits"
+        write_fits(simulate.simulate_calib(cfg, c["kind"], detector, c["seq"], c["band"]), p)
+        res[c["kind"]].append(p)
+    for v in visits:
+        rp, tp = out / f"raw_{v}_{detector}.fits", out / f"truth_{v}_{detector}.fits"
+        simulate.write_raw(cfg, plan, v, detector, rp, tp)
+        res["raw"][v], res["truth"][v] = rp, tp
+    return res
