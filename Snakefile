@@ -15,6 +15,8 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/calib.smk"
 include: "workflow/rules/isr.smk"
 include: "workflow/rules/subtract.smk"
+include: "workflow/rules/detect.smk"
+include: "workflow/rules/fakes.smk"
 
 
 rule all:

@@ -295,16 +295,13 @@ def plot(curves: pd.DataFrame, matched: pd.DataFrame, snr_col: str, path) -> Non
     plt.close(fig)
 
 
-def run(dia_path, fakes_paths, out_dir, config=None, diffexp_paths=None, truth_fluxes=None,
+def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, truth_fluxes=None,
         truth_sources=None) -> dict:
-    """File-level entry: writes matched_fakes.parquet, completeness.parquet, classes.parquet,
-    summary.json and completeness.png into ``out_dir``."""
-    from pathlib import Path
-
+    """File-level entry.  ``outputs`` maps matched, curves, classes, summary, plot to paths
+    (matched fakes Parquet, completeness Parquet, diaSource classes Parquet, summary JSON, PNG)."""
     from .exposure import Exposure
 
     cfg = {**DEFAULTS, **(config or {})}
-    out_dir = Path(out_dir)
     dia = pd.read_parquet(dia_path)
     fakes = pd.concat([pd.read_parquet(p) for p in fakes_paths], ignore_index=True) if fakes_paths else None
     diffexps = {}
@@ -329,11 +326,11 @@ def run(dia_path, fakes_paths, out_dir, config=None, diffexp_paths=None, truth_f
     classes = classify(dia, fakes, tf, ts, float(cfg["match_radius"]))
     recovery = truth_recovery(dia, tf, ts, diffexps, float(cfg["truth_snr_min"])) if (tf is not None and ts is not None and diffexps) else None
     summ = summary(matched, classes, snr_col, recovery, float(cfg["truth_snr_min"])) if len(matched) else {}
-    write_parquet(matched, out_dir / "matched_fakes.parquet")
-    write_parquet(curves, out_dir / "completeness.parquet")
-    write_parquet(classes, out_dir / "classes.parquet")
-    write_text(json.dumps(summ, indent=2, default=float), out_dir / "summary.json")
-    plot(curves, matched, snr_col, out_dir / "completeness.png")
+    write_parquet(matched, outputs["matched"])
+    write_parquet(curves, outputs["curves"])
+    write_parquet(classes, outputs["classes"])
+    write_text(json.dumps(summ, indent=2, default=float), outputs["summary"])
+    plot(curves, matched, snr_col, outputs["plot"])
     return summ
 
 
@@ -352,7 +349,10 @@ def _cli(args) -> int:
     from .logs import setup
 
     setup()
-    s = run(args.diasources, args.fakes, args.outdir, diffexp_paths=args.diffexp,
+    out = {k: f"{args.outdir}/{name}" for k, name in (
+        ("matched", "matched_fakes.parquet"), ("curves", "completeness.parquet"), ("classes", "classes.parquet"),
+        ("summary", "summary.json"), ("plot", "completeness.png"))}
+    s = run(args.diasources, args.fakes, out, diffexp_paths=args.diffexp,
             truth_fluxes=args.truth_fluxes, truth_sources=args.truth_sources)
     print(json.dumps(s, indent=2, default=float))
     return 0

@@ -1,0 +1,80 @@
+# Fakes (diapipe.fakes): point sources of known flux injected into each science
+# calexp before subtraction, isolated and on galaxies; and the completeness
+# analysis (diapipe.completeness) matching them, and the simulation truth, to
+# the diaSources.  The integrator points subtraction at science_calexp() (in
+# detect.smk, included before this file) and adds completeness_targets() to
+# all_targets().
+FAKES = config["fakes"]
+
+
+def fakes_truth_inputs():
+    """Truth tables (galaxy hosts, isolation, truth matching) exist only for the simulated survey."""
+    if config["inputs"]["source"] != "simulate":
+        return {}
+    return {
+        "truth_fluxes": path("truth_fluxes"),
+        "truth_sources": path("truth_sources"),
+    }
+
+
+def completeness_targets():
+    return [path("completeness"), path("completeness_plot")]
+
+
+rule inject_fakes:
+    """Inject fakes into one calexp; record them in the fakes table."""
+    input:
+        unpack(fakes_truth_inputs),
+        calexp=path("calexp"),
+        src=path("src"),
+    output:
+        calexp=path("calexp_fakes"),
+        fakes=path("fakes"),
+    log:
+        log_path("inject_fakes", visit="{visit}", detector="{detector}"),
+    benchmark:
+        bench_path("inject_fakes", visit="{visit}", detector="{detector}")
+    conda:
+        "../../envs/detect.yaml"
+    threads: 1
+    resources:
+        mem_mb=detector_mem_mb(4.0),
+        runtime=10,
+    params:
+        fakes=FAKES,
+        seed=config["seed"],
+    script:
+        "../scripts/fakes.py"
+
+
+rule completeness:
+    """Completeness vs S/N and magnitude, flux and position accuracy, false detections."""
+    input:
+        unpack(fakes_truth_inputs),
+        diaSources=path("diaSources"),
+        fakes=(
+            [path("fakes", visit=v, detector=d) for v, d in detect_data_ids()]
+            if FAKES["enabled"]
+            else []
+        ),
+        diffexps=[path("diffexp", visit=v, detector=d) for v, d in detect_data_ids()],
+    output:
+        curves=path("completeness"),
+        matched=path("completeness_fakes"),
+        classes=path("completeness_classes"),
+        summary=path("completeness_summary"),
+        plot=path("completeness_plot"),
+    log:
+        log_path("completeness"),
+    benchmark:
+        bench_path("completeness")
+    conda:
+        "../../envs/detect.yaml"
+    threads: 1
+    resources:
+        mem_mb=detector_mem_mb(3.0, base=1000),
+        runtime=20,
+    params:
+        fakes=FAKES,
+    script:
+        "../scripts/completeness.py"
