@@ -97,6 +97,14 @@ def clipped_mean(frames: list[np.ndarray], nsigma: float = 4.0, chunk_rows: int 
     return mean, var, nkept
 
 
+def smooth_variance(var: np.ndarray, size: int = 7) -> np.ndarray:
+    """Per-pixel sample variances of a few frames are noisy (chi^2 with n-1 dof); their
+    local mean is as unbiased and far less noisy.  Pixels whose own variance is more
+    than 4x the local mean (hot pixels, Poisson-noisy defects) keep their own."""
+    smooth = ndimage.uniform_filter(var.astype(np.float32), size=size, mode="nearest")
+    return np.where(var > 4 * smooth, var, smooth).astype(np.float32)
+
+
 def smooth_background(image: np.ndarray, block: int = 64) -> np.ndarray:
     """Large-scale level of ``image``: block medians, bilinearly interpolated to full size."""
     ny, nx = image.shape
@@ -196,6 +204,7 @@ def make_master_bias(paths, config: dict | None = None, data_id: dict | None = N
     data_id = dict(data_id or {})
     frames, amp_map = _load_frames(paths, "bias", cfg, data_id)
     mean, var, _ = clipped_mean([a.image for _, a in frames], cfg["clip_sigma"])
+    var = smooth_variance(var)
     # The bias has legitimate column patterns and a ramp at the start of the readout
     # (the master bias removes them): compare each pixel with its column neighbours only.
     dev = mean - ndimage.median_filter(mean, size=(9, 1), mode="nearest")
@@ -220,6 +229,12 @@ def make_master_dark(paths, bias: Exposure | None = None, config: dict | None = 
         rates.append(img / np.float32(t))
     mean, var, _ = clipped_mean(rates, cfg["clip_sigma"])
     del rates
+    var = smooth_variance(var)
+    if bias is not None:
+        # The same master bias was subtracted from every dark: its noise is common to all
+        # frames, invisible in their scatter, and adds to the master dark's variance.
+        t_mean = float(np.mean([float(r.header.get("DARKTIME", r.header["EXPTIME"])) for r, _ in frames]))
+        var += bias.variance / np.float32(t_mean**2)
     level = smooth_background(mean, cfg["background_block"])
     dev = mean - level
     thresh = max(cfg["hot_sigma"] * _robust_std(dev), cfg["hot_min_rate"])
@@ -246,7 +261,7 @@ def make_master_flat(paths, bias: Exposure | None = None, dark: Exposure | None 
     if "band" in data_id and str(data_id["band"]) != band:
         raise DiapipeError(f"flat frames are band {band!r}, expected {data_id['band']!r}", None, data_id)
     data_id.setdefault("band", band)
-    normed = []
+    normed, common = [], []
     for raw, asm in frames:
         img = asm.image
         if bias is not None:
@@ -257,8 +272,16 @@ def make_master_flat(paths, bias: Exposure | None = None, dark: Exposure | None 
         if not level > 0:
             raise raw.error(f"flat has median level {level:.3g} e-: not illuminated")
         normed.append(img / np.float32(level))
+        t = float(raw.header.get("DARKTIME", raw.header["EXPTIME"]))
+        common.append((level, t))
     mean, var, _ = clipped_mean(normed, cfg["clip_sigma"])
     del normed
+    var = smooth_variance(var)
+    # Noise of the master bias and dark, common to every flat (see make_master_dark).
+    for m, scale in ((bias, lambda lv, t: 1.0 / lv), (dark, lambda lv, t: t / lv)):
+        if m is not None:
+            k2 = float(np.mean([scale(lv, t) ** 2 for lv, t in common]))
+            var += m.variance * np.float32(k2)
     ratio = mean / smooth_background(mean, cfg["background_block"])
     dev = np.where(np.isfinite(ratio), ratio - 1, -1.0)
     thresh = max(cfg["flat_bad_sigma"] * _robust_std(dev), cfg["flat_bad_frac"])
