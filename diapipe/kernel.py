@@ -151,6 +151,7 @@ def find_peaks(image, sigma, bad, nsigma: float, border: int, return_smoothed: b
     thr = nsigma * sigma / 3.0  # noise of a 3x3 mean is sigma/3
     ys, xs = np.nonzero(sm > thr if np.ndim(thr) == 0 else sm > thr)
     ny, nx = img.shape
+    border = max(int(border), 2)  # the local-maximum test looks 2 px around
     keep = (xs >= border) & (xs < nx - border) & (ys >= border) & (ys < ny - border)
     ys, xs = ys[keep], xs[keep]
     if len(xs) == 0:

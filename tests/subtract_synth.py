@@ -90,7 +90,7 @@ def make_pair(n=512, seeing_ratio=1.5, fwhm_t=3.0, variation=0.2, shift=(0.0, 0.
     fx, fy = [], []
     while len(fx) < n_fakes:
         x, y = rng.integers(40, nx - 40, 2)
-        if np.min(np.hypot(xs - x, ys - y)) > 12 and all(np.hypot(np.array(fx) - x, np.array(fy) - y) > 30):
+        if (nstars == 0 or np.min(np.hypot(xs - x, ys - y)) > 12) and all(np.hypot(np.array(fx) - x, np.array(fy) - y) > 30):
             fx.append(int(x))
             fy.append(int(y))
     fx, fy = np.array(fx, float), np.array(fy, float)

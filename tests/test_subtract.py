@@ -1,0 +1,293 @@
+"""Unit, I/O, bad-input, command-line and real-data tests of diapipe.subtract / kernel / zogy.
+
+The quality acceptance on simulated pairs (seeing ratios, misregistration,
+fakes) is in test_subtract_acceptance.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from diapipe import kernel as kmod
+from diapipe import masks
+from diapipe.exposure import Exposure, MaskedImage
+from diapipe.fileio import DiapipeError
+from diapipe.subtract import SubtractConfig, decorrelation_kernel, measure_psf, read_image, subtract
+
+sys.path.insert(0, str(Path(__file__).parent))
+from subtract_synth import make_pair, psf_flux, psf_image, residual_stats  # noqa: E402
+
+DECAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "decam-sfft"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(256, 1.5, seed=11, n_fakes=6)
+
+
+@pytest.fixture(scope="module")
+def diff(pair):
+    s, t, _ = pair
+    return subtract(s, t, {"spatial_order": 1})
+
+
+# ---------------------------------------------------------------- kernel building blocks
+def test_basis_sum_convention():
+    basis = kmod.alard_lupton_basis(6, [0.8, 1.6, 3.2], [4, 2, 2])
+    assert basis.shape == (15 + 6 + 6, 13, 13)
+    sums = basis.reshape(len(basis), -1).sum(1)
+    assert sums[0] == pytest.approx(1.0)
+    assert np.all(np.abs(sums[1:]) < 1e-10)  # kernel sum = coefficient of basis 0
+    d = kmod.delta_basis(3)
+    assert d.shape[0] == 49 and d[0].sum() == pytest.approx(1.0)
+
+
+def test_gaussian_sigma_of_moffat_and_gaussian():
+    g = psf_image(4.0, kind="gaussian", size=41)
+    assert kmod.gaussian_sigma(g) == pytest.approx(4.0 / 2.3548, rel=0.03)
+    # a Moffat's core sigma, not its wings
+    m = psf_image(4.0, kind="moffat", size=41)
+    assert 0.85 * 4.0 / 2.3548 < kmod.gaussian_sigma(m) < 1.15 * 4.0 / 2.3548
+
+
+def test_stamp_fit_recovers_known_kernel():
+    """A noise-free template convolved with a known Gaussian kernel x 1.3: the fit returns it."""
+    rng = np.random.default_rng(2)
+    n = 200
+    tpl = np.zeros((n, n))
+    xs, ys = rng.uniform(25, n - 25, 40), rng.uniform(25, n - 25, 40)
+    for x, y in zip(xs, ys):
+        ix, iy = int(x), int(y)
+        tpl[iy - 15 : iy + 16, ix - 15 : ix + 16] += 1e4 * psf_image(3.0, x - ix, y - iy, 31, "gaussian")
+    true_k = psf_image(2.5, size=15, kind="gaussian") * 1.3
+    sci = kmod.FFTConvolver(tpl, 7).convolve(true_k.astype(np.float32)).astype(float) + 2.0
+    cfg = SubtractConfig(spatial_order=0, background_order=0, stamp_min_snr=5, isolation_fraction=10)
+    basis, spec = kmod.make_basis(3.0 / 2.3548, np.hypot(3.0, 2.5) / 2.3548, cfg)
+    var = np.ones_like(sci)
+    bad = np.zeros(sci.shape, bool)
+    sx, sy, _ = kmod.select_stamps(tpl, sci, var, var, bad, 9, spec.half, cfg)
+    sysm = kmod.stamp_system(tpl, sci, 1 / (var + var), sx, sy, basis, 9)
+    sol, why = kmod.fit_spatial(sysm, basis, cfg, sci.shape, 0, 0)
+    assert sol is not None, why
+    k = sol.kernel(100, 100)
+    assert k.sum() == pytest.approx(1.3, rel=1e-3)
+    assert sol.background(100, 100)[0] == pytest.approx(2.0, abs=0.02)
+    kk = kmod._pad_to(true_k, k.shape[0])
+    # (the true width is not one of the basis Gaussians: the polynomials make up the rest)
+    assert np.abs(k - kk).max() < 0.02 * true_k.max()
+
+
+def test_poly_maps_match_pointwise(diff):
+    sol_shape = (64, 80)
+    C = np.array([[1.0, 0.2, 0.1], [0.2, 0.5, 0.0], [0.1, 0.0, 0.3]])
+    m = kmod.quadratic_map(C, 1, sol_shape, 39.5, 31.5, 40, 32)
+    from diapipe.psf import poly_design
+
+    t = poly_design(70, 10, 1, 39.5, 31.5, 40, 32)[0]
+    assert m[10, 70] == pytest.approx(t @ C @ t, rel=1e-5)
+    p = kmod.poly_map([1.0, 2.0, -1.0], 1, sol_shape, 39.5, 31.5, 40, 32)
+    assert p[10, 70] == pytest.approx(t @ np.array([1.0, 2.0, -1.0]), rel=1e-5)
+
+
+def test_decorrelation_kernel_whitens():
+    """phi applied to D = U - C (*) K makes white noise of variance s_u^2 + s_c^2 ksum^2."""
+    k = psf_image(2.5, size=15, kind="gaussian") * 0.9
+    phi = decorrelation_kernel(k, 100.0, 400.0, 0.9, size=31)
+    assert phi.sum() == pytest.approx(1.0)
+    n = 512
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(n, n)) * 10
+    c = rng.normal(size=(n, n)) * np.sqrt(400)
+    d = u - kmod.FFTConvolver(c, 7).convolve(k.astype(np.float32))
+    dd = kmod.FFTConvolver(d, 15).convolve(phi.astype(np.float32))[40:-40, 40:-40]
+    assert np.std(dd) == pytest.approx(np.sqrt(100 + 400 * 0.81), rel=0.01)
+    # neighbouring pixels uncorrelated after the afterburner (they were before)
+    rho = np.corrcoef(dd[:, :-1].ravel(), dd[:, 1:].ravel())[0, 1]
+    rho0 = np.corrcoef(d[40:-40, 40:-41].ravel(), d[40:-40, 41:-40].ravel())[0, 1]
+    assert abs(rho) < 0.01 and abs(rho0) > 0.1
+
+
+# ---------------------------------------------------------------- the difference exposure
+def test_diffexp_contents_and_round_trip(diff, tmp_path):
+    m = diff.metadata
+    for key in ("SUBMETH", "CONVDIR", "KSUM", "FLUXRAT", "KCHI2", "NSTAMP", "NREJ", "KORDER", "KFALLBK",
+                "DECORR", "PRECONV", "CONVFLIP"):
+        assert key in m
+    assert m["CONVDIR"] == "template" and m["DECORR"] is True
+    assert m["FLUXRAT"] == pytest.approx(1 / 0.8, rel=0.02)  # simulated template flux scale 0.8
+    assert m["visit"] == 1 and m["detector"] == 0
+    names = [h.name for h in diff.extra_hdus]
+    assert names == ["KERNEL", "KGRID", "KSUMMAP", "STAMPS"]
+    stamps = diff.extra_hdus[3].data
+    assert stamps["used"].sum() == m["NSTAMP"] and (~stamps["used"]).sum() == m["NREJ"]
+    assert diff.extra_hdus[1].data.shape[0] == 9
+    assert masks.is_set(diff.mask, "EDGE")[0].all()
+    p = tmp_path / "diff.fits"
+    diff.write(p)
+    back = Exposure.read(p)
+    assert [h.name for h in back.extra_hdus] == names
+    assert np.array_equal(back.extra_hdus[3].data["used"], stamps["used"])
+    assert back.metadata["KSUM"] == m["KSUM"]
+    assert back.psf == diff.psf
+    with fits.open(p) as hdul:
+        assert hdul["KERNEL"].header["KORDER"] == m["KORDER"]
+
+
+def test_zogy_outputs_score():
+    # no stars (ZOGY's constant PSF would leave residuals of the 20%-varying ones): the flux
+    # ratio then comes from the zero points (PSF-model fallback of the AL fit)
+    s, t, truth = make_pair(256, 1.5, seed=14, nstars=0, n_fakes=6)
+    d = subtract(s, t, {"method": "zogy", "spatial_order": 0})
+    assert d.metadata["SUBMETH"] == "ZOGY" and d.metadata["KFALLBK"] == "psfmodel"
+    score = next(h for h in d.extra_hdus if h.name == "SCORR").data
+    good = ~masks.is_set(d.mask, *masks.BAD_PLANES)
+    # the fakes stand out in S_corr; elsewhere it is unit-normal
+    far = np.ones(score.shape, bool)
+    for x, y in zip(truth["fake_x"], truth["fake_y"]):
+        assert score[int(y), int(x)] > 20
+        far[int(y) - 12 : int(y) + 13, int(x) - 12 : int(x) + 13] = False
+    assert np.std(score[good & far]) == pytest.approx(1.0, abs=0.04)
+    z = d.image / np.sqrt(d.variance)
+    assert np.std(z[good & far]) == pytest.approx(1.0, abs=0.02)
+    f = np.mean([psf_flux(d, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
+    assert f == pytest.approx(truth["fake_flux"][0], rel=0.02)
+
+
+def test_science_sharper_is_never_deconvolved():
+    s, t, truth = make_pair(256, 0.8, seed=12, n_fakes=4)
+    d = subtract(s, t, {"convolve": "template", "spatial_order": 0})
+    assert d.metadata["CONVDIR"] == "science" and d.metadata["CONVFLIP"] is True
+    d2 = subtract(s, t, {"convolve": "template", "sharper_science": "preconvolve", "spatial_order": 0})
+    assert d2.metadata["CONVDIR"] == "template" and d2.metadata["PRECONV"] is True
+    for dd in (d, d2):
+        f = np.mean([psf_flux(dd, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
+        assert f == pytest.approx(truth["fake_flux"][0], rel=0.02)
+    # auto picks the sharper image to convolve
+    assert subtract(s, t, {"convolve": "auto", "spatial_order": 0}).metadata["CONVDIR"] == "science"
+
+
+# ---------------------------------------------------------------- bad input
+def test_no_overlap_is_an_error_naming_the_data_id(pair):
+    s, t, _ = pair
+    t = t.copy()
+    t.image[:] = np.nan
+    with pytest.raises(DiapipeError, match="does not overlap.*visit=1"):
+        subtract(s, t, {})
+
+
+def test_grid_mismatch_is_an_error(pair):
+    s, t, _ = pair
+    small = Exposure(MaskedImage(t.image[:100, :100]), psf=t.psf)
+    with pytest.raises(DiapipeError, match="not on one pixel grid"):
+        subtract(s, small, {})
+
+
+def test_too_few_stars_falls_back_and_says_so():
+    # 4 stars: no spatial kernel, not even order 0 -> kernel from the PSF models, flux ratio from MAGZERO
+    s, t, truth = make_pair(256, 1.5, seed=13, nstars=4, n_fakes=4, star_flux=(2e4, 5e4))
+    d = subtract(s, t, {})
+    assert d.metadata["KFALLBK"] == "psfmodel"
+    assert d.metadata["FLUXRAT"] == pytest.approx(1 / 0.8, rel=0.01)
+    f = np.mean([psf_flux(d, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
+    assert f == pytest.approx(truth["fake_flux"][0], rel=0.03)
+    b, _, _ = residual_stats(d, truth, n_bright=1)
+    assert b == pytest.approx(1.0, abs=0.03)
+    # a few more stars: the spatial order is lowered instead
+    s, t, _ = make_pair(256, 1.5, seed=13, nstars=15, n_fakes=2, star_flux=(2e4, 5e4))
+    d = subtract(s, t, {"spatial_order": 2})
+    assert d.metadata["KFALLBK"].startswith("order") and d.metadata["KORDER"] < 2
+
+
+def test_all_nan_region_is_no_data_not_garbage(pair):
+    s, t, truth = pair
+    t = t.copy()
+    t.image[:, :100] = np.nan  # template covers only part of the science image
+    d = subtract(s, t, {"spatial_order": 0})
+    nod = masks.is_set(d.mask, "NO_DATA")
+    assert nod[:, :100].all()
+    assert np.isnan(d.image[nod]).all() and np.isnan(d.variance[nod]).all()
+    good = ~masks.is_set(d.mask, *masks.BAD_PLANES)
+    z = d.image[good] / np.sqrt(d.variance[good])
+    assert good[:, 130:].mean() > 0.7
+    assert 1.4826 * np.median(np.abs(z)) == pytest.approx(1.0, abs=0.05)
+
+
+def test_missing_psf_is_measured(pair):
+    s, t, truth = pair
+    s2, t2 = s.copy(), t.copy()
+    s2.psf = t2.psf = None
+    d = subtract(s2, t2, {"spatial_order": 0})
+    model_sigma = kmod.gaussian_sigma(s.psf.image(127.5, 127.5))
+    assert d.metadata["PSFSIGS"] == pytest.approx(model_sigma, rel=0.1)
+    f = np.mean([psf_flux(d, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
+    assert f == pytest.approx(truth["fake_flux"][0], rel=0.03)
+
+
+def test_measure_psf_needs_stars():
+    with pytest.raises(ValueError, match="stars"):
+        measure_psf(np.random.default_rng(1).normal(size=(100, 100)), np.ones((100, 100)))
+
+
+# ---------------------------------------------------------------- command line, plain FITS
+def test_cli_on_plain_fits(pair, tmp_path):
+    from diapipe.cli import main
+
+    s, t, truth = pair
+    for name, e in (("sci.fits", s), ("tmpl.fits", t)):
+        h = fits.Header()
+        h["GAIN"] = 1.0
+        fits.PrimaryHDU(e.image.astype(np.float32), header=h).writeto(tmp_path / name)
+    out = tmp_path / "diff.fits"
+    rc = main(["subtract", str(tmp_path / "sci.fits"), str(tmp_path / "tmpl.fits"), "-o", str(out),
+               "--spatial-order", "0", "--method", "zogy"])
+    assert rc == 0
+    d = Exposure.read(out)
+    assert d.metadata["SUBMETH"] == "ZOGY" and "SCORR" in [h.name for h in d.extra_hdus]
+    f = np.mean([psf_flux(d, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
+    assert f == pytest.approx(truth["fake_flux"][0], rel=0.05)  # PSFs measured from the images
+    # a bad file: a clear error, exit status 1, no output
+    (tmp_path / "junk.fits").write_text("not fits")
+    assert main(["subtract", str(tmp_path / "junk.fits"), str(tmp_path / "tmpl.fits"), "-o",
+                 str(tmp_path / "x.fits")]) == 1
+    assert not (tmp_path / "x.fits").exists()
+
+
+def test_read_image_plain_fits_variance(tmp_path):
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(64, 64)) * 5.0
+    img[10, 10] = np.nan
+    img[20, 20] = 1e5
+    h = fits.Header()
+    h["GAIN"], h["SATURATE"] = 2.0, 5e4
+    fits.PrimaryHDU(img, header=h).writeto(tmp_path / "a.fits")
+    e = read_image(tmp_path / "a.fits")
+    assert masks.is_set(e.mask, "NO_DATA")[10, 10] and masks.is_set(e.mask, "SAT")[20, 20]
+    assert np.sqrt(np.median(e.variance)) == pytest.approx(5.0, rel=0.1)
+
+
+# ---------------------------------------------------------------- real data
+@pytest.mark.skipif(not DECAM.exists(), reason="shared DECam data not present")
+def test_decam_transient_recovered_and_residuals_no_worse_than_sfft():
+    """SFFT's own stacks as inputs: our AL difference finds the central transient and has no more
+    >5-sigma residual pixels than SFFT's decorrelated difference (numbers: benchmarks/bench_subtract.py)."""
+    s = read_image(DECAM / "Stack-DEC-OBS04.fits")
+    t = read_image(DECAM / "Stack-DEC-OBS18.fits")
+    d = subtract(s, t, {"spatial_order": 0, "stamp_min_snr": 10.0}, data_id={"field": "decam"})
+    ours = np.nan_to_num(d.image)[16:-16, 16:-16]
+    sfft = fits.getdata(DECAM / "FinalDifference.DeCorr.fits").astype(float)[16:-16, 16:-16]
+
+    def rsig(a):
+        return 1.4826 * np.median(np.abs(a - np.median(a)))
+
+    n_ours = np.sum(np.abs(ours) > 5 * rsig(ours))
+    n_sfft = np.sum(np.abs(sfft) > 5 * rsig(sfft))
+    assert n_ours <= n_sfft * 1.05
+    # transient at (x, y) = (130, 127): a positive peak of > 10 sigma in ours
+    box = np.nan_to_num(d.image)[125:130, 128:133]
+    assert box.max() / rsig(ours) > 10
+    assert d.metadata["KFALLBK"] == "none"
