@@ -213,6 +213,14 @@ def _inverse_sip(a, b, order, u, v):
     return ap, bp
 
 
+def _affordable_order(n_match: int, order: int) -> int:
+    """Highest polynomial order <= ``order`` with at least 2 matches per coefficient (+4)."""
+    for k in range(order, 0, -1):
+        if n_match >= 2 * len(_terms(k)) + 4:
+            return k
+    return 0
+
+
 # ---------------------------------------------------------------- whole solve
 @dataclass
 class AstrometryResult:
@@ -280,7 +288,7 @@ def solve(x, y, flux, usable, ref_ra, ref_dec, ref_mag, ref_err_mas, rough_wcs: 
         order_ = np.argsort(d[ok])
         _, first = np.unique(si[order_], return_index=True)
         ri, si = ri[order_][first], si[order_][first]
-        fit_order = order if len(si) >= 4 * len(_terms(order)) else (1 if len(si) >= 6 else 0)
+        fit_order = _affordable_order(len(si), order)
         if len(si) < min_matches or fit_order == 0:
             raise AstrometryError(f"only {len(si)} sources matched the refcat within {radius_px:.1f} px "
                                   f"(need {min_matches})")

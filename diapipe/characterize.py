@@ -283,14 +283,17 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
     t0 = time.perf_counter()
     ph = cfg["photometry"]
     pflux, pferr = photometry.psf_flux(sub, var, bad, psf, x, y, seg=seg)
+    # Aperture correction to total flux: median ratio of a large aperture
+    # (apcorr_radius_fwhm) to the PSF flux over the PSF stars; optionally the
+    # local sky of an annulus far beyond the wings instead of the global one.
     r_ap = ph["apcorr_radius_fwhm"] * fwhm_px
     apf, apferr, apflag = photometry.aperture_flux(sub_c, var, bad8, x, y, r_ap)
-    # total flux of the PSF stars: the large aperture minus the local sky of an annulus
-    # far enough out that the star's own wings do not raise it
     pu = np.nonzero(psf_used & ((apflag & sep.APER_HASMASKED) == 0))[0]
-    r_in, r_out = (f * fwhm_px for f in ph["sky_annulus_fwhm"])
-    sky_ap = photometry.local_sky(sub, seg, bad, x[pu], y[pu], r_in, r_out)
-    tapf = apf[pu] - np.pi * r_ap**2 * sky_ap
+    tapf = apf[pu]
+    if ph["apcorr_local_sky"]:
+        r_in, r_out = (f * fwhm_px for f in ph["sky_annulus_fwhm"])
+        sky_ap = photometry.local_sky(sub, seg, bad, x[pu], y[pu], r_in, r_out)
+        tapf = tapf - np.pi * r_ap**2 * np.where(np.isfinite(sky_ap), sky_ap, 0.0)
     apcorr, apcorr_err, _ = photometry.aperture_correction(pflux[pu], tapf, apferr[pu])
     flux_tot = pflux * apcorr
     snr = pflux / pferr

@@ -26,6 +26,9 @@ from .psf import PixelPsf, poly_design, poly_terms
 log = logging.getLogger(__name__)
 
 LANCZOS_A = 3
+# Star weights are S/N^2 capped at this percentile of the PSF stars' S/N^2
+# (100 = inverse variance, which measured best on the simulated survey).
+WEIGHT_CAP_PERCENTILE = 100
 
 
 def lanczos_weights(s: np.ndarray, a: int = LANCZOS_A) -> np.ndarray:
@@ -169,10 +172,9 @@ def build_psf(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.ndar
     norm = np.where(good, flux, 1.0)
     stamps = stamps / norm[:, None, None]
     svar = svar / norm[:, None, None] ** 2
-    # Each star weighted by its S/N^2 (capped so a few very bright stars do not
-    # decide the spatial variation alone).
+    # Each star weighted by its S/N^2 (optionally capped).
     snr2 = 1.0 / np.maximum(svar.mean(axis=(1, 2)) * size * size, 1e-12)
-    cap = np.percentile(snr2[good], 75) if good.any() else 1.0
+    cap = np.percentile(snr2[good], WEIGHT_CAP_PERCENTILE) if good.any() else 1.0
     star_w = np.minimum(snr2, cap)
     ny, nx = shape
     geom = ((nx - 1) / 2, (ny - 1) / 2, max(nx / 2, 1.0), max(ny / 2, 1.0))
