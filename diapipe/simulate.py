@@ -66,8 +66,6 @@ log = logging.getLogger("diapipe.simulate")
 AMP_NAMES = "ABCDEFGHIJKLMNOP"
 #: AB magnitude of 1 nJy.
 NJY_ZP = 31.4
-#: Normalising radius (pixels) of the distortion coefficient.
-DISTORTION_RADIUS = 2048.0
 
 PLAN_TABLES = ("truth_visits", "truth_sources", "truth_amps", "truth_fluxes", "refcat")
 
@@ -252,7 +250,8 @@ def _visit_table(sim: dict, seed: int) -> pd.DataFrame:
         pang = rng.uniform(0, 2 * math.pi)
         hra, hdec = _offset_radec(float(ra), float(dec), perr * math.cos(pang), perr * math.sin(pang))
         e1, e2 = rng.normal(0.0, sim["psf_ellipticity_visit"], size=2)
-        sat = bool(rng.uniform() < sim["satellite_probability"])
+        sat_u = float(rng.uniform())
+        sat = sat_u < sim["satellite_probability"]
         sat_dx, sat_dy = rng.uniform(-1, 1, size=2) * np.array(_field_box(sim)) * 0.5
         sra, sdec = _offset_radec(float(ra), float(dec), sat_dx, sat_dy)
         sat_mag = rng.uniform(*sim["satellite_mag_range"])
@@ -284,10 +283,17 @@ def _visit_table(sim: dict, seed: int) -> pd.DataFrame:
                 sat_ra=float(sra),
                 sat_dec=float(sdec),
                 sat_pa=float(rng.uniform(0, 180)),
-                sat_flux=float(10 ** (-0.4 * (sat_mag - zp)) * sim["pixel_scale"]) if sat else 0.0,
+                sat_flux=float(10 ** (-0.4 * (sat_mag - zp)) * sim["pixel_scale"]),
+                sat_u=sat_u,
             )
         )
-    return pd.DataFrame(rows)
+    visits = pd.DataFrame(rows)
+    # "Occasional" but never absent: if chance gave no trail, the science visit with the lowest draw gets one.
+    sci = ~visits["is_template"]
+    if sim["satellite_probability"] > 0 and not visits["sat_trail"].any() and sci.any():
+        visits.loc[visits.loc[sci, "sat_u"].idxmin(), "sat_trail"] = True
+    visits.loc[~visits["sat_trail"], "sat_flux"] = 0.0
+    return visits.drop(columns="sat_u")
 
 
 def _source_table(sim: dict, seed: int, visits: pd.DataFrame) -> pd.DataFrame:
@@ -538,16 +544,12 @@ def exposure_sources(plan: SurveyPlan, visit: int, detector: int, margin: float 
     src = plan.sources
     ra, dec = source_positions(src, vrow["mjd"])
     mag = light_curve_mag(src, vrow["mjd"])
-    wcs = true_wcs(plan, visit, detector)
-    # Cheap linear cut first; the iterative SIP inverse only for candidates.
-    xl, yl = wcs.wcs_world2pix(ra, dec, 0)
-    lim = 50.0 + margin + 0.02 * (sim["nx"] + sim["ny"])
+    # Cheap cut on the undistorted (TAN) position first, then the exact inverse for candidates.
+    xl, yl = header_wcs(plan, visit, detector, true_pointing=True).wcs_world2pix(ra, dec, 0)
+    lim = 50.0 + margin + abs(sim["distortion_px"]) * 3
     cand = (xl > -lim) & (xl < sim["nx"] + lim) & (yl > -lim) & (yl < sim["ny"] + lim) & np.isfinite(mag)
     idx = np.flatnonzero(cand)
-    x = np.empty(0)
-    y = np.empty(0)
-    if len(idx):
-        x, y = wcs.all_world2pix(ra[idx], dec[idx], 0, tolerance=1e-7, maxiter=50)
+    x, y = sky_to_pixel(plan, visit, detector, ra[idx], dec[idx])
     inside = (x >= -0.5 - margin) & (x < sim["nx"] - 0.5 + margin) & (y >= -0.5 - margin) & (y < sim["ny"] - 0.5 + margin)
     idx, x, y = idx[inside], x[inside], y[inside]
     zp = float(vrow["zeropoint"])
@@ -635,8 +637,8 @@ def _crpix(sim: dict, detector: int) -> tuple[float, float]:
 
 
 def distortion_k(sim: dict) -> float:
-    """Radial cubic coefficient: displacement = k r^3 (pixels), k = distortion_px / 2048^3."""
-    return sim["distortion_px"] / DISTORTION_RADIUS**3
+    """Radial cubic coefficient: displacement = k r^3 (pixels), distortion_px at the focal-plane corner."""
+    return sim["distortion_px"] / focal_plane_radius(sim) ** 3
 
 
 def true_wcs(plan: SurveyPlan, visit: int, detector: int) -> WCS:
@@ -670,6 +672,36 @@ def true_wcs(plan: SurveyPlan, visit: int, detector: int) -> WCS:
     return w
 
 
+def sky_to_pixel(plan: SurveyPlan, visit: int, detector: int, ra, dec) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inverse of the true WCS: (ra, dec) in degrees -> 0-based pixel (x, y).
+
+    The distortion is radial about the optical axis, r' = r (1 + k r^2), so the
+    inverse is a 1-D cubic solved by Newton's method (to 1e-10 px), not the
+    general SIP iteration (which can diverge far outside small detectors).
+    """
+    ra = np.atleast_1d(np.asarray(ra, float))
+    dec = np.atleast_1d(np.asarray(dec, float))
+    if ra.size == 0:
+        return np.empty(0), np.empty(0)
+    lin = header_wcs(plan, visit, detector, true_pointing=True)
+    xl, yl = lin.wcs_world2pix(ra, dec, 0)
+    c1, c2 = _crpix(plan.sim, detector)
+    up, vp = xl + 1 - c1, yl + 1 - c2
+    rp = np.hypot(up, vp)
+    k = distortion_k(plan.sim)
+    r = rp.copy()
+    for _ in range(50):
+        f = r + k * r**3 - rp
+        r_new = r - f / (1 + 3 * k * r**2)
+        if np.max(np.abs(r_new - r)) < 1e-10:
+            r = r_new
+            break
+        r = r_new
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(rp > 0, r / rp, 1.0)
+    return up * scale + c1 - 1, vp * scale + c2 - 1
+
+
 def _inverse_sip(sim, detector, k, order=5):
     """AP/BP polynomials (fitted) so that DS9 and wcs_world2pix-style tools invert well."""
     crpix = _crpix(sim, detector)
@@ -691,13 +723,19 @@ def _inverse_sip(sim, detector, k, order=5):
     return ap, bp
 
 
-def header_wcs(plan: SurveyPlan, visit: int, detector: int) -> WCS:
-    """The rough TAN WCS a telescope writes: no distortion, CRVAL off by the pointing error."""
+def header_wcs(plan: SurveyPlan, visit: int, detector: int, true_pointing: bool = False) -> WCS:
+    """The rough TAN WCS a telescope writes: no distortion, CRVAL off by the pointing error.
+
+    With ``true_pointing`` the CRVAL is the true one: the true WCS without its SIP terms.
+    """
     sim = plan.sim
     vrow = plan.visit_row(visit)
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [float(vrow["header_ra"]), float(vrow["header_dec"])]
+    if true_pointing:
+        w.wcs.crval = [float(vrow["ra"]), float(vrow["dec"])]
+    else:
+        w.wcs.crval = [float(vrow["header_ra"]), float(vrow["header_dec"])]
     w.wcs.crpix = list(_crpix(sim, detector))
     w.wcs.cd = _cd_matrix(sim["pixel_scale"], float(vrow["rotation"]))
     w.wcs.radesys = "ICRS"
