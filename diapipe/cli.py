@@ -17,6 +17,7 @@ STAGE_MODULES = [
     "diapipe.simulate",
     "diapipe.calib",
     "diapipe.isr",
+    "diapipe.characterize",
     "diapipe.subtract",
     "diapipe.detect",
     "diapipe.measure",

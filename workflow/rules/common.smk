@@ -73,4 +73,5 @@ def all_targets():
     targets = []
     targets += simulate_targets()
     targets += isr_targets()
+    targets += characterize_targets()
     return targets
