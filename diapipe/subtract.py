@@ -91,7 +91,7 @@ class SubtractConfig:
     isolation_fraction: float = 0.2  # reject a stamp with a neighbour brighter than this fraction of its star
     min_stamps: int = 5
     stamps_per_term: float = 3.0
-    clip_sigma: float = 4.0
+    clip_sigma: float = 10.0
     max_iter: int = 3
     regularization: float = 0.0
     debias_noise: str = "auto"  # auto | on | off: remove the convolved image's noise term from the normal equations (auto: when the science image is the convolved one)
