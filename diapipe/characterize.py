@@ -405,12 +405,12 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
         "BKGLEVEL": round(bkg.level, 3),
         "BKGRMS": round(bkg.rms, 3),
         "NSOURCES": n,
-        "BUNIT": "electron",
     })
     # The rough WCS cards of the input must not shadow the fitted one.
     for k in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2"):
         out_meta.pop(k, None)
-    calexp = Exposure(MaskedImage(sub, mask, postisr.variance), wcs=wcs, psf=psf, metadata=out_meta)
+    calexp = Exposure(MaskedImage(sub, mask, postisr.variance), wcs=wcs, psf=psf, metadata=out_meta,
+                      extra_hdus=[bkg.to_hdu()])
     calexp.background = bkg
     t["total"] = time.perf_counter() - t_start
     log.info("calexp: MAGZERO %.4f +- %.4f (%d stars), seeing %.3f\" (%.2f px, %d PSF stars), "
@@ -422,12 +422,8 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
 
 
 def write_calexp(calexp: Exposure, path) -> None:
-    """Write the calexp atomically, with the background mesh as an extra BKGMESH HDU."""
-    hdul = calexp.to_hdulist()
-    bkg = getattr(calexp, "background", None)
-    if bkg is not None:
-        hdul.append(bkg.to_hdu())
-    write_fits(hdul, path)
+    """Write the calexp atomically (the background mesh rides along as its BKGMESH HDU)."""
+    calexp.write(path)
 
 
 def run(postisr_path, refcat_path, calexp_path, src_path=None, config=None):
