@@ -23,6 +23,7 @@ STAGE_MODULES = [
     "diapipe.measure",
     "diapipe.fakes",
     "diapipe.completeness",
+    "diapipe.realbogus",
     "diapipe.docs",
 ]
 
