@@ -21,6 +21,20 @@ include: "workflow/rules/fakes.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True
+
+
+# A summary the user can read without opening the logs: jobs, failures and time
+# per rule (from benchmarks/), also written to logs/summary.txt.
+onsuccess:
+    from diapipe import summary
+
+    summary.report("success", log, out="logs/summary.txt")
+
+
+onerror:
+    from diapipe import summary
+
+    summary.report("failed", log, out="logs/summary.txt")

@@ -25,6 +25,7 @@ STAGE_MODULES = [
     "diapipe.completeness",
     "diapipe.realbogus",
     "diapipe.docs",
+    "diapipe.summary",
 ]
 
 
