@@ -331,6 +331,7 @@ class Assembled:
     sat: np.ndarray  # bool: raw ADU at or above the amp's saturation
     amp_map: np.ndarray  # int8 amplifier index of each pixel
     overscan_residual: dict  # amp name -> mean residual (ADU)
+    overscan_mean: dict = field(default_factory=dict)  # amp name -> mean fitted level (ADU)
 
 
 def assemble(raw: RawFrame, fit="poly", order=3, clip=3.0, sat_margin=3.0) -> Assembled:
@@ -345,10 +346,11 @@ def assemble(raw: RawFrame, fit="poly", order=3, clip=3.0, sat_margin=3.0) -> As
     read_var = np.empty(shape, np.float32)
     sat = np.zeros(shape, bool)
     amp_map = np.empty(shape, np.int8)
-    resid = {}
+    resid, mean_level = {}, {}
     for i, amp in enumerate(raw.amps):
         level = overscan_level(raw, amp, fit, order, clip)
         resid[amp.name] = overscan_residual(raw, amp, level)
+        mean_level[amp.name] = float(np.mean(level))
         block = raw.data[amp.data.slices]
         s = block >= min(amp.saturation - sat_margin * amp.read_noise / amp.gain, ADC_MAX)
         e = (block - level[:, None].astype(np.float32)) * np.float32(amp.gain)
@@ -361,7 +363,7 @@ def assemble(raw: RawFrame, fit="poly", order=3, clip=3.0, sat_margin=3.0) -> As
         sat[ds] = s
         read_var[ds] = amp.read_noise**2
         amp_map[ds] = i
-    return Assembled(image, read_var, sat, amp_map, resid)
+    return Assembled(image, read_var, sat, amp_map, resid, mean_level)
 
 
 # ---------------------------------------------------------------- ISR
@@ -475,8 +477,9 @@ def _metadata(raw: RawFrame, asm: Assembled, darktime: float) -> dict:
     # The image is in electrons: its gain is 1 e-/unit.  The raw amps' values are kept.
     meta["GAIN"] = 1.0
     meta["RDNOISE"] = float(np.sqrt(np.mean([a.read_noise**2 for a in raw.amps])))
-    # Saturation in electrons (lowest amp) so that downstream code can flag it too.
-    meta["SATURATE"] = float(min(a.gain * a.saturation for a in raw.amps) - 0.0)
+    # Saturation in electrons above the bias (lowest amp, before the flat), for downstream code.
+    meta["SATURATE"] = round(float(min(a.gain * (a.saturation - asm.overscan_mean.get(a.name, 0.0))
+                                       for a in raw.amps)), 1)
     meta["NAMPS"] = len(raw.amps)
     for a in raw.amps:
         meta[f"GAIN{a.name}"] = a.gain

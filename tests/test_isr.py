@@ -325,3 +325,26 @@ def test_cli_isr(fake, tmp_path):
     bad.write_bytes(Path(fake["raw"]).read_bytes()[:5000])
     assert cli.main(["isr", str(bad), "-o", str(tmp_path / "x.fits")]) == 1
     assert not (tmp_path / "x.fits").exists()
+
+
+def test_flipped_amplifier_assembles_like_the_original(fake, tmp_path):
+    """An amplifier read out in the other direction (DETSEC x1 > x2) lands in the right place."""
+    with fits.open(fake["raw"]) as h:
+        data, header = h[0].data.astype(np.int32), h[0].header.copy()
+    b = isr.Section.parse(header["DATASECB"])
+    flipped = data.copy()
+    flipped[:, b.x0 : b.x1] = data[:, b.x0 : b.x1][:, ::-1]
+    d = isr.Section.parse(header["DETSECB"])
+    header["DETSECB"] = f"[{d.x1}:{d.x0 + 1},{d.y0 + 1}:{d.y1}]"
+    p = tmp_path / "flipped.fits"
+    fits.PrimaryHDU(flipped.astype(np.uint16), header=header).writeto(p)
+    a0 = isr.assemble(isr.read_raw(fake["raw"]))
+    a1 = isr.assemble(isr.read_raw(p))
+    np.testing.assert_allclose(a1.image, a0.image, atol=1e-3)
+    assert np.array_equal(a1.sat, a0.sat)
+
+
+def test_saturation_in_electrons_recorded(fake):
+    exp = isr.run_isr(isr.read_raw(fake["raw"]), config={"cr_detect": False})
+    # Full well of the fake camera is 60000 e-; SATURAT<L> is its raw ADU with the bias.
+    assert exp.metadata["SATURATE"] == pytest.approx(F.FULL_WELL, rel=0.002)
