@@ -288,8 +288,9 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
     # local sky of an annulus far beyond the wings instead of the global one.
     r_ap = ph["apcorr_radius_fwhm"] * fwhm_px
     apf, apferr, apflag = photometry.aperture_flux(sub_c, var, bad8, x, y, r_ap)
-    pu = np.nonzero(psf_used & ((apflag & sep.APER_HASMASKED) == 0))[0]
-    tapf = apf[pu]
+    pu = np.nonzero(psf_used)[0]
+    # neighbours inside the large aperture replaced by the PSF model of the star
+    tapf = photometry.clean_aperture_flux(sub, seg, bad, psf, x[pu], y[pu], pu + 1, pflux[pu], r_ap)
     if ph["apcorr_local_sky"]:
         r_in, r_out = (f * fwhm_px for f in ph["sky_annulus_fwhm"])
         sky_ap = photometry.local_sky(sub, seg, bad, x[pu], y[pu], r_in, r_out)

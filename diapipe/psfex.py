@@ -242,11 +242,12 @@ def place_model(psf: PixelPsf, x: np.ndarray, y: np.ndarray):
     return out, ix, iy
 
 
-def star_residuals(image: np.ndarray, psf: PixelPsf, x: np.ndarray, y: np.ndarray):
+def star_residuals(image: np.ndarray, psf: PixelPsf, x: np.ndarray, y: np.ndarray, radius: float | None = None):
     """Max |star - scaled model| / star peak, and the fitted fluxes, for stars at (x, y).
 
     The model is shifted to each star's position and scaled by a least-squares
-    amplitude (plus a constant, for any residual sky).
+    amplitude (plus a constant, for any residual sky).  ``radius`` (pixels)
+    limits the comparison to the core, where neighbours rarely reach.
     """
     half = psf.size // 2
     model, ix, iy = place_model(psf, x, y)
@@ -254,10 +255,14 @@ def star_residuals(image: np.ndarray, psf: PixelPsf, x: np.ndarray, y: np.ndarra
     n = len(x)
     frac = np.full(n, np.nan)
     flux = np.full(n, np.nan)
+    off = np.arange(-half, half + 1)
     for k in np.nonzero(ok)[0]:
         a_mat = np.stack([model[k].ravel(), np.ones(model[k].size)], axis=1)
         (f, c), *_ = np.linalg.lstsq(a_mat, data[k].ravel(), rcond=None)
         resid = data[k] - f * model[k] - c
+        if radius is not None:
+            r = np.hypot(off[None, :] - (x[k] - ix[k]), off[:, None] - (y[k] - iy[k]))
+            resid = np.where(r <= radius, resid, 0.0)
         frac[k] = np.abs(resid).max() / (data[k] - c).max()
         flux[k] = f
     return frac, flux

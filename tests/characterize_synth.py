@@ -111,7 +111,7 @@ def make_field(
     sky=800.0,
     read_noise=5.0,
     magzero=31.2,
-    saturation=120000.0,
+    saturation=50000.0,
     pointing_error_arcsec=30.0,
     rotation_error_deg=0.05,
     seed=1,
@@ -123,6 +123,7 @@ def make_field(
     wcs = true_wcs(shape)
     # Stars: power-law magnitude distribution 15.5 - 23
     mags = 15.5 + 7.5 * rng.power(2.2, n_stars)
+    mags[: min(3, n_stars)] = 14.0  # a few saturated stars (with bleed trails)
     xs = rng.uniform(-5, nx + 5, n_stars)
     ys = rng.uniform(-5, ny + 5, n_stars)
     flux = 10 ** (-0.4 * (mags - magzero))
