@@ -493,6 +493,7 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
     stamps = {
         "x": sys.x, "y": sys.y, "ksum_local": ksum_loc, "chi2_local": chi_loc,
         "chi2_spatial": chi_sp, "used": good.copy(), "reason": reason.astype(str),
+        "snr2": sys.c.copy(), "dof": np.maximum(sys.npix - sys.M.shape[1], 1),
     }
     sol = KernelSolution(comps, spatial_order, bg, bg_order, x0, y0, sx, sy, stamps=stamps,
                          chi2=float(np.mean(chi_sp[good])), n_stamps=int(good.sum()),
