@@ -30,6 +30,7 @@ import argparse
 import logging
 
 import numpy as np
+from astropy.io import fits
 from scipy import ndimage
 
 from . import masks
@@ -137,22 +138,24 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
         mvar = np.empty_like(var)
         for i in range(n):
             mimg[i], mvar[i] = _match_to(img[i], var[i], valid[i], sig[i], smax)
-        ref, ref_var = _reference(img, var, nval)
-        mref, mref_var = _reference(mimg, mvar, nval)
+        ref, ref_var, _ = _reference(img, var)
+        mref, mref_var, mn = _reference(mimg, mvar)
         local_peak = ndimage.maximum_filter(np.nan_to_num(np.abs(ref)), size=peak_box)
         mpeak = ndimage.maximum_filter(np.nan_to_num(np.abs(mref)), size=peak_box)
         two = nval == 2
+        mtwo = mn == 2
         for i in range(n):
             ri, rvi = _others(img, var, i, ref, ref_var, two)
-            mri, mrvi = _others(mimg, mvar, i, mref, mref_var, two)
+            mri, mrvi = _others(mimg, mvar, i, mref, mref_var, mtwo)
             # unmatched: sharp outliers, tolerant of seeing differences near stars via the local peak
             d = img[i] - ri
             sharp = np.abs(d) > nsigma * np.sqrt(var[i] + rvi) + ampfrac * local_peak
             # matched: anything PSF-like or extended
             z = (mimg[i] - mri) / np.sqrt(mvar[i] + mrvi)
             zz = np.abs(z) - np.nan_to_num(matched_ampfrac * mpeak / np.sqrt(mvar[i] + mrvi))
+            zz = np.where(mn >= 2, zz, 0.0)
             # with only two inputs a disagreement is blamed on the brighter one (artefacts add light)
-            pos_only = two & ((d < 0) | (z < 0))
+            pos_only = (two & (d < 0)) | (mtwo & (z < 0))
             high = ((zz > nsigma) | sharp) & ~pos_only & (nval >= 2) & valid[i]
             low = ((zz > nsigma_low) | sharp) & ~pos_only & (nval >= 2) & valid[i]
             if not high.any():
@@ -169,11 +172,12 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
     return out
 
 
-def _reference(img, var, nval):
-    """Robust stack: per-pixel median and its variance ((pi/2) x mean variance / n)."""
+def _reference(img, var):
+    """Robust stack: per-pixel median, its variance ((pi/2) x mean variance / n), and n."""
+    nval = np.isfinite(img).sum(axis=0)
     ref = np.nanmedian(img, axis=0)
     ref_var = (np.pi / 2) * np.nanmean(var, axis=0) / np.maximum(nval, 1)
-    return ref, ref_var
+    return ref, ref_var, nval
 
 
 def _others(img, var, i, ref, ref_var, two):
@@ -195,9 +199,11 @@ def _match_to(img, var, valid, s_in, s_out):
     # normalised convolution: missing pixels do not drag the smoothed value down
     wsum = ndimage.gaussian_filter(valid.astype(float), k, mode="constant")
     sm = ndimage.gaussian_filter(fill, k, mode="constant") / np.where(wsum > 0, wsum, 1)
-    # variance of a Gaussian-smoothed white-noise image: var * sum(k^2) = var / (4 pi k^2)
-    smv = ndimage.gaussian_filter(vfill, k, mode="constant") / np.where(wsum > 0, wsum, 1) / (4 * np.pi * k**2)
-    ok = valid & (wsum > 0.7)
+    # variance of the normalised convolution: conv(var, g^2) / wsum^2, and g^2 = G(k/sqrt2) / (4 pi k^2)
+    g2 = ndimage.gaussian_filter(vfill, k / np.sqrt(2), mode="constant") / (4 * np.pi * k**2)
+    smv = g2 / np.where(wsum > 0, wsum, 1) ** 2
+    # near masked pixels the normalised convolution cannot rebuild a star's core: leave those out
+    ok = valid & (wsum > 0.95)
     return np.where(ok, sm, np.nan), np.where(ok, smv, np.nan)
 
 
@@ -224,7 +230,8 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     Returns an Exposure in nJy (MAGZERO 31.4) with variance, mask (NO_DATA
     where nothing contributes; BAD/SAT/... where more than ``mask_threshold``
     of the covering inputs, by weight, had them), a PixelPsf, and the inputs
-    listed in the metadata (INPUT<k> = visit, WEIGHT<k>).
+    listed in the metadata (INPUT<k> = visit, WEIGHT<k>), and an extra image
+    HDU NIMAGE with the number of visits used per pixel.
     """
     warps = [w for w in warps if w.metadata.get("COVERAGE", 1.0) > 0 and (~masks.is_set(w.mask, "NO_DATA")).any()]
     if not warps:
@@ -287,6 +294,11 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     if mjds:
         meta["MJD-BEG"], meta["MJD-END"] = float(min(mjds)), float(max(mjds))
     meta["WEIGHTNG"] = weighting
+    # large-aperture variance / summed pixel variance, from the warps' resampling correlation
+    mv = np.array([np.median(w.variance[_valid(w)]) if _valid(w).any() else 0.0 for w in warps])
+    cw = wts / wts.sum()
+    ncor = np.array([float(w.metadata.get("NOISECOR", 1.0)) for w in warps])
+    meta["NOISECOR"] = float(np.sum(cw**2 * mv * ncor) / max(np.sum(cw**2 * mv), 1e-300))
     meta["REJFRAC"] = float(np.mean([r.mean() for r in rejected]))
     if psf is not None:
         yc, xc = np.argwhere(good).mean(axis=0) if good.any() else (shape[0] / 2, shape[1] / 2)
@@ -294,7 +306,13 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
 
         meta["PSFFWHM"] = float(psf.fwhm(xc, yc))
         meta["SEEING"] = float(2.355 * _gauss_sigma(psf.image(xc, yc)) * pixel_scale_arcsec(wcs))
-    return Exposure(MaskedImage(image, mask, variance), wcs=wcs.deepcopy(), psf=psf, metadata=meta)
+    # NIMAGE: how many visits enter each pixel.  The coadd PSF is exact only where it is constant
+    # over a star (a star on a coverage edge or an input's bad column mixes PSFs pixel by pixel).
+    nimage = np.sum(used_maps, axis=0).astype(np.int16)
+    hdr = wcs.to_header()
+    hdr["COMMENT"] = "number of input visits used per pixel"
+    nim = fits.ImageHDU(nimage, header=hdr, name="NIMAGE")
+    return Exposure(MaskedImage(image, mask, variance), wcs=wcs.deepcopy(), psf=psf, metadata=meta, extra_hdus=[nim])
 
 
 def coadd_psf(warps, wts, used_maps, order: int = 1, grid: int = 5) -> PixelPsf | None:
@@ -364,16 +382,18 @@ def template_for(calexp: Exposure, coadds: list[Exposure], *, psf_order: int = 2
     order = np.argsort(np.array(dist), axis=0) if dist else None
     out = None
     sources = []
+    ncors = []
     for rank in range(len(coadds)):
         for k, c in enumerate(coadds):
             pri = (order[rank] == k)
             pri = np.repeat(np.repeat(pri, step, axis=0), step, axis=1)[: shape[0], : shape[1]]
             if not pri.any():
                 continue
-            out, filled = resample_exposure(c, calexp.wcs, shape, scale=scale, grid_step=grid_step,
-                                            mask_kernel=mask_kernel, out=out, priority=pri)
+            out, filled, ncor = resample_exposure(c, calexp.wcs, shape, scale=scale, grid_step=grid_step,
+                                                  mask_kernel=mask_kernel, out=out, priority=pri)
             if filled.any():
                 sources.append((c, filled))
+                ncors.append((ncor * float(c.metadata.get("NOISECOR", 1.0)), filled.sum()))
     if out is None or not sources:
         raise DiapipeError("no template coadd covers this calexp", path, calexp.data_id)
     # merge the per-source filled maps by coadd for the PSF
@@ -388,6 +408,8 @@ def template_for(calexp: Exposure, coadds: list[Exposure], *, psf_order: int = 2
     meta["PATCHES"] = ",".join(str(c.metadata.get("patch", "?")) for c in coadds)
     meta["VISITS"] = ";".join(str(c.metadata.get("VISITS", "")) for c in coadds)
     meta["COVERAGE"] = float(np.mean(~masks.is_set(out.mask, "NO_DATA")))
+    # large-aperture variance / summed pixel variance; approximate (the coadd's own correlation times this resampling's)
+    meta["NOISECOR"] = float(sum(c * n for c, n in ncors) / sum(n for _, n in ncors))
     if out.psf is not None:
         meta["PSFFWHM"] = float(out.psf.fwhm(shape[1] / 2, shape[0] / 2))
     out.metadata = meta

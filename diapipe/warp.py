@@ -203,14 +203,19 @@ def mean_noise_correlation(a: int = LANCZOS_A, n: int = 32) -> float:
 # ------------------------------------------------------------- the warp
 def resample_exposure(src: Exposure, dst_wcs: WCS, dst_shape, *, scale: float = 1.0,
                       grid_step: int = 32, mask_kernel: str = "lanczos", psf_order: int = 1,
-                      psf_grid: int = 5, out: Exposure | None = None, priority=None) -> tuple[Exposure, np.ndarray]:
+                      psf_grid: int = 5, out: Exposure | None = None, priority=None):
     """Resample ``src`` onto the pixel grid (``dst_wcs``, ``dst_shape``).
 
     ``scale`` multiplies the image (photometric scale) and ``scale**2`` the
     variance.  If ``out`` is given, only its NO_DATA pixels are filled (used to
     stitch several detectors or patches); ``priority`` (bool array) restricts
-    filling further.  Returns (exposure, filled) where ``filled`` is the
-    boolean map of destination pixels written by this source.
+    filling further.  Returns (exposure, filled, ncor) where ``filled`` is the
+    boolean map of destination pixels written by this source and ``ncor`` the
+    mean over them of 1 / (sum(w^2) x A_out/A_in): the factor by which the
+    variance of a large aperture sum exceeds the sum of the per-pixel
+    variances, because resampling correlates neighbouring pixels (1 for no
+    resampling; ~1.25 for Lanczos-3 at equal pixel size; larger when
+    the output pixels are smaller than the input ones).
     PSF is *not* handled here (see ``warp_psf``).
     """
     ny, nx = dst_shape
@@ -221,7 +226,7 @@ def resample_exposure(src: Exposure, dst_wcs: WCS, dst_shape, *, scale: float = 
     filled = np.zeros(dst_shape, bool)
     box = footprint_box(src.wcs, src.shape, dst_wcs, dst_shape)
     if box is None:
-        return out, filled
+        return out, filled, 1.0
     x0, y0, x1, y1 = box
     pmap = PixelMap(src.wcs, dst_wcs, box, grid_step=grid_step)
     yy, xx = np.mgrid[y0:y1, x0:x1]
@@ -231,7 +236,7 @@ def resample_exposure(src: Exposure, dst_wcs: WCS, dst_shape, *, scale: float = 
         todo &= np.asarray(priority)[y0:y1, x0:x1].ravel()
     xx, yy = xx[todo], yy[todo]
     if xx.size == 0:
-        return out, filled
+        return out, filled, 1.0
     xin, yin = pmap(xx, yy)
     val, var, msk, valid = lanczos_resample(src.image, xin, yin, src.variance, src.mask, mask_kernel=mask_kernel)
     jac = pmap.jacobian(xx[valid], yy[valid])
@@ -241,7 +246,11 @@ def resample_exposure(src: Exposure, dst_wcs: WCS, dst_shape, *, scale: float = 
     out.variance[oy, ox] = var[valid] * (area * scale) ** 2
     out.mask[oy, ox] = msk[valid] & masks.MASK_DTYPE(~masks.bit("NO_DATA"))
     filled[oy, ox] = True
-    return out, filled
+    _, wx = _taps(xin[valid])
+    _, wy = _taps(yin[valid])
+    sw2 = (wx**2).sum(axis=1) * (wy**2).sum(axis=1)
+    ncor = float(np.mean(1.0 / (sw2 * area))) if area.size else 1.0
+    return out, filled, ncor
 
 
 def warp_psf_stamp(psf: PixelPsf, x_in: float, y_in: float, jac: np.ndarray, size: int | None = None) -> np.ndarray:
@@ -340,17 +349,19 @@ def warp_calexps(calexps: list[Exposure], dst_wcs: WCS, dst_shape, *, target_mag
     out = None
     sources = []
     scales = []
+    ncors = []
     for cx, p in zip(calexps, paths):
         if cx.wcs is None:
             raise DiapipeError("calexp has no WCS; cannot warp", p, cx.data_id)
         if "MAGZERO" not in cx.metadata:
             raise DiapipeError("calexp has no MAGZERO header; cannot put it on the coadd zero point", p, cx.data_id)
         scale = photometric_scale(float(cx.metadata["MAGZERO"]), target_magzero)
-        out, filled = resample_exposure(cx, dst_wcs, dst_shape, scale=scale, grid_step=grid_step,
-                                        mask_kernel=mask_kernel, out=out)
+        out, filled, ncor = resample_exposure(cx, dst_wcs, dst_shape, scale=scale, grid_step=grid_step,
+                                              mask_kernel=mask_kernel, out=out)
         if filled.any():
             sources.append((cx, filled))
             scales.append(scale)
+            ncors.append((ncor, filled.sum()))
     if not sources:
         ids = ", ".join(str(p) for p in paths if p is not None) or "the calexps"
         raise DiapipeError(f"no pixel of {ids} lands on the destination grid", None, data_id)
@@ -363,6 +374,11 @@ def warp_calexps(calexps: list[Exposure], dst_wcs: WCS, dst_shape, *, target_mag
     meta["NINPUTS"] = len(sources)
     meta["INPUTS"] = ",".join(str(s.metadata.get("detector", i)) for i, (s, _) in enumerate(sources))
     meta["PHOTSCAL"] = float(np.mean(scales))
+    meta["NOISECOR"] = float(sum(c * n for c, n in ncors) / sum(n for _, n in ncors))
+    # visit-level seeing from characterize (arcsec), used to pick best-seeing template visits
+    see = [s.metadata["SEEING"] for s, _ in sources if "SEEING" in s.metadata]
+    if see:
+        meta["VSEEING"] = float(np.mean(see))
     meta["COVERAGE"] = float(np.mean(~masks.is_set(out.mask, "NO_DATA")))
     if out.psf is not None:
         ny, nx = dst_shape

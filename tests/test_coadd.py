@@ -1,0 +1,263 @@
+"""Template coadds and template_for, measured against the synthetic truth."""
+
+import numpy as np
+import pytest
+import sep
+
+from diapipe import masks
+from diapipe.coadd import assemble_coadd, coadd_from_files, find_artefacts, select_visits, template_for
+from diapipe.exposure import Exposure
+from diapipe.fileio import DiapipeError
+from diapipe.warp import mean_noise_correlation, photometric_scale, warp_to_patch
+from warp_synth import make_calexp, make_survey, small_skymap, weighted_fwhm
+
+
+@pytest.fixture(scope="module")
+def survey():
+    """6 visits (artefacts in 4 of them) and the same visits without artefacts, warped onto 4 patches."""
+    s = make_survey(n_visits=6, clean_too=True, n_stars=300)
+    sm = small_skymap()
+    s["sm"] = sm
+    s["warps"] = {p: [warp_to_patch([cx], sm, p) for cx, _ in s["visits"]] for p in range(sm.n_patches)}
+    s["clean_warps"] = {p: [warp_to_patch([cx], sm, p) for cx in s["clean"]] for p in range(sm.n_patches)}
+    s["coadds"] = {p: assemble_coadd(s["warps"][p], data_id={"band": "r", "patch": p}) for p in range(sm.n_patches)}
+    return s
+
+
+def _blank(coadd, stars, rmin=18):
+    x, y = coadd.wcs.all_world2pix(stars["ra"], stars["dec"], 0)
+    yy, xx = np.mgrid[: coadd.shape[0], : coadd.shape[1]]
+    far = coadd.mask == 0
+    for xi, yi in zip(x, y):
+        if -rmin < xi < coadd.shape[1] + rmin and -rmin < yi < coadd.shape[0] + rmin:
+            far &= (xx - xi) ** 2 + (yy - yi) ** 2 > rmin**2
+    return far
+
+
+def test_no_single_visit_artefact_survives(survey):
+    """Leak of each artefact = coadd(with) - coadd(without), same rejection maps, in units of coadd sigma.
+
+    Measured where >= 2 visits cover (a pixel seen once cannot be checked by any stacker).
+    """
+    worst = {}
+    for p in range(survey["sm"].n_patches):
+        rej = find_artefacts(survey["warps"][p])
+        co = assemble_coadd(survey["warps"][p], rejected=rej)
+        cc = assemble_coadd(survey["clean_warps"][p], rejected=rej)
+        nvis = sum((~masks.is_set(w.mask, "NO_DATA")).astype(int) for w in survey["warps"][p])
+        ok = (co.mask == 0) & (co.variance > 0) & (nvis >= 2)
+        leak = np.abs(co.image - cc.image)[ok] / np.sqrt(co.variance[ok])
+        for _, truth in survey["visits"]:
+            for kind, (ra, dec) in truth["artefacts"]:
+                worst[kind] = max(worst.get(kind, 0.0), float(leak.max()) if leak.size else 0.0)
+        # and the artefacts were there to be found: without rejection they leak far above 3 sigma
+        raw = assemble_coadd(survey["warps"][p], reject=False)
+        rawc = assemble_coadd(survey["clean_warps"][p], reject=False)
+        ok2 = (raw.mask == 0) & (raw.variance > 0) & (nvis >= 2)
+        worst.setdefault("unrejected", 0.0)
+        worst["unrejected"] = max(worst["unrejected"], float((np.abs(raw.image - rawc.image)[ok2] / np.sqrt(raw.variance[ok2])).max()))
+    assert {"cr", "trail", "mover", "transient"} <= set(worst)
+    assert worst["unrejected"] > 30
+    for kind in ("cr", "trail", "mover", "transient"):
+        assert worst[kind] < 3.0, worst
+
+
+def test_artefact_rejection_spares_clean_visits(survey):
+    """On visits without artefacts almost nothing is rejected (no seeing-difference false alarms at stars)."""
+    rej = find_artefacts(survey["clean_warps"][0])
+    assert max(r.mean() for r in rej) < 0.002
+
+
+@pytest.fixture(scope="module")
+def blank():
+    """Four star-free visits: pure blank sky, warped onto the four patches and coadded."""
+    s = make_survey(n_visits=4, artefacts=(), n_stars=0)
+    sm = small_skymap()
+    return [assemble_coadd([warp_to_patch([cx], sm, p) for cx, _ in s["visits"]]) for p in range(sm.n_patches)]
+
+
+def test_coadd_variance_predicts_blank_sky_noise(survey, blank):
+    # per pixel, next to stars as well as on blank fields: the variance plane is each pixel's own
+    # variance, so no correlation correction applies
+    for p in range(survey["sm"].n_patches):
+        cc = assemble_coadd(survey["clean_warps"][p])
+        far = _blank(cc, survey["stars"]) & (cc.variance > 0)
+        assert np.std(cc.image[far] / np.sqrt(cc.variance[far])) == pytest.approx(1.0, abs=0.05), p
+    zs, bs, bv, ncor = [], [], [], []
+    for co in blank:
+        ok = (co.mask == 0) & (co.variance > 0)
+        zs.append(co.image[ok] / np.sqrt(co.variance[ok]))
+        # sums of 8x8 boxes: predicted = sum of pixel variances x NOISECOR (the resampling correlation)
+        img = np.where(ok, co.image, np.nan)
+        var = np.where(ok, co.variance, np.nan)
+        ny, nx = (q // 8 * 8 for q in co.shape)
+        b = img[:ny, :nx].reshape(ny // 8, 8, nx // 8, 8).sum(axis=(1, 3))
+        v = var[:ny, :nx].reshape(ny // 8, 8, nx // 8, 8).sum(axis=(1, 3))
+        good = np.isfinite(b)
+        bs.append(b[good])
+        bv.append(v[good])
+        ncor.append(co.metadata["NOISECOR"])
+    z = np.concatenate(zs)
+    assert np.std(z) == pytest.approx(1.0, abs=0.05)
+    bs, bv = np.concatenate(bs), np.concatenate(bv)
+    assert len(bs) > 2000
+    assert 1.2 < np.mean(ncor) < 1.6  # Lanczos-3 and 0.21"->0.2" pixels
+    ratio = np.var(bs) / np.mean(bv * np.mean(ncor))
+    assert ratio == pytest.approx(1.0, abs=0.08), ratio
+    # without the correction the variance plane would under-predict box sums by > 15%
+    assert np.var(bs) / np.mean(bv) > 1.15
+
+
+def test_coadd_centroids_match_truth(survey):
+    stars = survey["stars"]
+    d = []
+    for co in survey["coadds"].values():
+        x, y = co.wcs.all_world2pix(stars["ra"], stars["dec"], 0)
+        dd = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+        np.fill_diagonal(dd, np.inf)
+        sel = (x > 15) & (x < 225) & (y > 15) & (y < 225) & (stars["flux_njy"] > 1e6) & (dd.min(axis=1) > 15)
+        xw, yw, flag = sep.winpos(co.image.astype(float), x[sel], y[sel], np.full(sel.sum(), 1.6),
+                                  mask=masks.is_set(co.mask, *masks.BAD_PLANES))
+        ok = flag == 0
+        d.append(np.hypot(xw[ok] - x[sel][ok], yw[ok] - y[sel][ok]))
+    d = np.concatenate(d)
+    rms_mas = np.sqrt(np.mean(d**2) / 2) * 200
+    assert len(d) >= 15 and rms_mas < 10.0, rms_mas
+
+
+def nimage(co):
+    return next(h.data for h in co.extra_hdus if h.name == "NIMAGE")
+
+
+def test_coadd_psf_matches_coadded_stars(survey):
+    """Everywhere the PSF is exact: stars whose core has one set of inputs (NIMAGE constant)."""
+    stars = survey["stars"]
+    ratios = []
+    n_inexact = 0
+    for co in survey["coadds"].values():
+        nim = nimage(co)
+        x, y = co.wcs.all_world2pix(stars["ra"], stars["dec"], 0)
+        dd = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+        np.fill_diagonal(dd, np.inf)
+        sel = (x > 15) & (x < 225) & (y > 15) & (y < 225) & (stars["flux_njy"] > 5e5) & (dd.min(axis=1) > 20)
+        for xi, yi in zip(x[sel], y[sel]):
+            ix, iy = int(round(xi)), int(round(yi))
+            if co.mask[iy - 10:iy + 11, ix - 10:ix + 11].any():
+                continue
+            if np.ptp(nim[iy - 6:iy + 7, ix - 6:ix + 7]) > 0:  # the core the FWHM estimator weighs
+                n_inexact += 1
+                continue
+            st = co.psf.image(xi, yi)
+            c = (st.shape[0] - 1) / 2
+            ratios.append(weighted_fwhm(co.image, xi, yi) / weighted_fwhm(st, c, c))
+    ratios = np.array(ratios)
+    assert len(ratios) >= 8
+    assert np.max(np.abs(ratios - 1)) < 0.03, ratios
+
+
+def test_coadd_header_lists_inputs_and_psf_weighting(survey):
+    co = survey["coadds"][0]
+    m = co.metadata
+    assert m["NVISITS"] == 6 and m["VISITS"] == "0,1,2,3,4,5" and m["BUNIT"] == "nJy"
+    assert [m[f"INPUT{k}"] for k in range(6)] == list(range(6))
+    assert sum(m[f"WEIGHT{k}"] for k in range(6)) == pytest.approx(1.0)
+    cp = assemble_coadd(survey["clean_warps"][0], weighting="psf")
+    # PSF-aware weights favour the sharper early visits more than inverse-variance weights do
+    wv = [m[f"WEIGHT{k}"] for k in range(6)]
+    wp = [cp.metadata[f"WEIGHT{k}"] for k in range(6)]
+    assert wp[0] / wp[5] > wv[0] / wv[5]
+    assert cp.metadata["PSFFWHM"] < m["PSFFWHM"]
+
+
+def test_selection_modes_and_empty_selection():
+    cands = [{"visit": v, "band": "r", "mjd": 60000.0 + v, "seeing": s} for v, s in enumerate([1.0, 0.7, 0.9, 0.6, 1.2])]
+    assert select_visits(cands, "list", visits=[0, 4]) == [0, 4]
+    assert select_visits(cands, "mjd_range", mjd_min=60001, mjd_max=60003) == [1, 2, 3]
+    assert select_visits(cands, "best_seeing", n_best=2) == [1, 3]
+    assert select_visits(cands, "best_seeing", n_best=2, mjd_max=60002.5) == [1, 2]
+    with pytest.raises(DiapipeError, match="matches no visit") as err:
+        select_visits(cands, "mjd_range", mjd_min=61000, data_id={"band": "r", "patch": 3})
+    assert "patch=3" in str(err.value)
+    with pytest.raises(DiapipeError, match="matches no visit"):
+        select_visits(cands, "best_seeing", band="g")
+
+
+def test_coadd_from_files_empty_selection_leaves_no_file(survey, tmp_path):
+    paths = []
+    for i, w in enumerate(survey["clean_warps"][1][:3]):
+        paths.append(tmp_path / f"{i}.fits")
+        w.write(paths[-1])
+    out = tmp_path / "template.fits"
+    with pytest.raises(DiapipeError, match="matches no visit"):
+        coadd_from_files(paths, out, mode="list", visits=[99], data_id={"band": "r", "patch": 1})
+    assert not out.exists()
+    co = coadd_from_files(paths, out, mode="list", visits=[0, 2], data_id={"band": "r", "patch": 1})
+    assert out.exists() and co.metadata["VISITS"] == "0,2"
+
+
+def test_template_for_science_calexp(survey):
+    """The coadds on a new visit's pixel grid: fluxes in its electrons, PSF and seams right."""
+    stars = survey["stars"]
+    sci, truth = make_calexp(50, stars, rot=41.0, dra=1 / 3600, ddec=2 / 3600, pixscale=0.21, fwhm0=4.5,
+                             magzero=27.7, seed=500, shape=(400, 400))
+    tmpl = template_for(sci, list(survey["coadds"].values()))
+    assert tmpl.shape == sci.shape and tmpl.metadata["BUNIT"] == "electron"
+    assert tmpl.metadata["MAGZERO"] == 27.7
+    # this detector (84" rotated 41 deg) reaches beyond the tract (80"): its corners are NO_DATA
+    nod = masks.is_set(tmpl.mask, "NO_DATA")
+    assert 0.05 < nod.mean() < 0.5 and not nod[200, 200]
+    x, y = truth["x"], truth["y"]
+    dd = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    np.fill_diagonal(dd, np.inf)
+    sel = (stars["flux_njy"] > 1e6) & (x > 22) & (x < 378) & (y > 22) & (y < 378)
+    # 20 px apertures hold > 99.9% of both PSFs; the science truth image has the same neighbours
+    flux_t, _, fl = sep.sum_circle(tmpl.image.astype(float), x[sel], y[sel], 20.0,
+                                   mask=masks.is_set(tmpl.mask, *masks.BAD_PLANES))
+    flux_s, _, _ = sep.sum_circle(truth["model"], x[sel], y[sel], 20.0)
+    ok = fl == 0
+    ratio = flux_t[ok] / flux_s[ok]
+    assert ok.sum() >= 10
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.003)
+    # astrometry on the science grid (isolated stars)
+    iso = ok & (dd[sel].min(axis=1) > 20)
+    iso &= np.array([not tmpl.mask[int(round(b)) - 6:int(round(b)) + 7, int(round(a)) - 6:int(round(a)) + 7].any()
+                     for a, b in zip(x[sel], y[sel])])
+    xw, yw, f2 = sep.winpos(tmpl.image.astype(float), x[sel][iso], y[sel][iso], np.full(iso.sum(), 1.6))
+    rms_mas = np.sqrt(np.mean((xw - x[sel][iso]) ** 2 + (yw - y[sel][iso]) ** 2) / 2) * 210
+    assert iso.sum() >= 5 and rms_mas < 10.0
+    # PSF on the science grid matches the template's stars (where the coadd PSF is exact)
+    r = []
+    iso = ok & (dd[sel].min(axis=1) > 20)
+    ra, dec = sci.wcs.all_pix2world(x[sel][iso], y[sel][iso], 0)
+    for xi, yi, rai, deci in zip(x[sel][iso], y[sel][iso], ra, dec):
+        ix, iy = int(round(xi)), int(round(yi))
+        if tmpl.mask[iy - 10:iy + 11, ix - 10:ix + 11].any():
+            continue
+        exact = True
+        for co in survey["coadds"].values():
+            cx, cy = co.wcs.all_world2pix([[rai, deci]], 0)[0]
+            jx, jy = int(round(cx)), int(round(cy))
+            if 6 <= jx < co.shape[1] - 6 and 6 <= jy < co.shape[0] - 6:
+                exact &= np.ptp(nimage(co)[jy - 6:jy + 7, jx - 6:jx + 7]) == 0
+        if not exact:
+            continue
+        st = tmpl.psf.image(xi, yi)
+        c = (st.shape[0] - 1) / 2
+        r.append(weighted_fwhm(tmpl.image, xi, yi) / weighted_fwhm(st, c, c))
+    assert len(r) >= 2 and np.max(np.abs(np.array(r) - 1)) < 0.03
+
+
+def test_template_for_calexp_off_the_tract_is_one_clear_error(survey):
+    far, _ = make_calexp(77, survey["stars"], dra=0.5, shape=(64, 64))
+    with pytest.raises(DiapipeError, match="no template coadd covers") as err:
+        template_for(far, list(survey["coadds"].values()), path="results/calexp/77/0.fits")
+    assert "visit=77" in str(err.value)
+
+
+def test_coadd_roundtrip(survey, tmp_path):
+    co = survey["coadds"][2]
+    co.write(tmp_path / "t.fits")
+    r = Exposure.read(tmp_path / "t.fits")
+    assert r.metadata["VISITS"] == co.metadata["VISITS"] and r.psf == co.psf
+    assert np.array_equal(nimage(r), nimage(co)) and nimage(co).max() == 6
+    assert photometric_scale(r.metadata["MAGZERO"]) == 1.0
