@@ -48,7 +48,7 @@ def _nearest(src_xy, dst_xy, radius):
     if len(src_xy) == 0 or len(dst_xy) == 0:
         return np.full(len(dst_xy), -1), np.full(len(dst_xy), np.inf)
     d, i = cKDTree(src_xy).query(dst_xy, distance_upper_bound=radius)
-    i = np.where(np.isfinite(d), i, -1)
+    i = np.where(np.isfinite(d), np.asarray(i).astype(np.int64, copy=False), -1)
     return i, d
 
 
@@ -76,7 +76,9 @@ def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> 
 def add_diff_snr(fakes: pd.DataFrame, diffexps: dict) -> pd.DataFrame:
     """Add snrDiff (optimal S/N in the difference image) and psfFwhm; diffexps maps (visit, detector) -> Exposure."""
     from .fakes import optimal_snr_unit
+    from .measure import _Pixels
 
+    pixels = {k: _Pixels(e) for k, e in diffexps.items()}
     snr = np.full(len(fakes), np.nan)
     fwhm = np.full(len(fakes), np.nan)
     for k, (v, d, x, y, flux) in enumerate(zip(fakes["visit"], fakes["detector"], fakes["x"], fakes["y"],
@@ -84,7 +86,7 @@ def add_diff_snr(fakes: pd.DataFrame, diffexps: dict) -> pd.DataFrame:
         e = diffexps.get((int(v), int(d)))
         if e is None or e.psf is None:
             continue
-        snr[k] = flux * optimal_snr_unit(e, x, y)
+        snr[k] = flux * optimal_snr_unit(e, x, y, pixels[(int(v), int(d))])
         fwhm[k] = e.psf.fwhm(x, y)
     out = fakes.copy()
     out["snrDiff"] = snr
@@ -187,14 +189,14 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
                 if not sel.any():
                     continue
                 t = tf[sel]
-                j, _ = cKDTree(t[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)
+                _, j = cKDTree(t[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)  # j = len(t): none
                 hit = j < len(t)
                 lab[hit] = TRANSIENT_KINDS[group[0]]
                 mid[hit] = t["source_id"].to_numpy()[j[hit]]
         if fakes is not None and len(fakes):
             f = fakes[(fakes["visit"] == v) & (fakes["detector"] == d)]
             if len(f):
-                j, _ = cKDTree(f[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)
+                _, j = cKDTree(f[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)
                 hit = j < len(f)
                 lab[hit] = "fake"
                 mid[hit] = f["fakeId"].to_numpy()[j[hit]]
@@ -209,6 +211,7 @@ def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources:
                    snr_min: float = 10.0, radius: float = 2.0) -> pd.DataFrame:
     """Simulated transients (sn, flare) and movers per visit: snrDiff and whether detected."""
     from .fakes import optimal_snr_unit
+    from .measure import _Pixels
 
     kinds = truth_sources.set_index("source_id")["kind"]
     tf = truth_fluxes.copy()
@@ -219,12 +222,13 @@ def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources:
         e = diffexps.get((int(v), int(d)))
         if e is None:
             continue
+        pix = _Pixels(e)
         s = dia[(dia["visit"] == v) & (dia["detector"] == d)]
         j, _ = _nearest(s[["x", "y"]].to_numpy(float), t[["x", "y"]].to_numpy(float), radius)
         for k, r in enumerate(t.itertuples()):
             if not (0 <= r.x < e.shape[1] and 0 <= r.y < e.shape[0]):
                 continue
-            snr = r.flux * optimal_snr_unit(e, r.x, r.y)
+            snr = r.flux * optimal_snr_unit(e, r.x, r.y, pix)
             rows.append({"source_id": r.source_id, "kind": r.kind, "visit": v, "detector": d, "x": r.x, "y": r.y,
                          "flux": r.flux, "snrDiff": snr, "detected": bool(j[k] >= 0)})
     out = pd.DataFrame(rows)

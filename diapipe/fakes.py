@@ -68,13 +68,16 @@ def _local_psf(exposure: Exposure, x, y):
     return _ShiftablePsf(exposure.psf.image(x, y))
 
 
-def optimal_snr_unit(exposure: Exposure, x: float, y: float) -> float:
-    """sqrt(sum(P^2 / V)) at (x, y): the optimal S/N of a 1-electron point source."""
+def optimal_snr_unit(exposure: Exposure, x: float, y: float, pix=None) -> float:
+    """sqrt(sum(P^2 / V)) at (x, y): the optimal S/N of a 1-electron point source.
+
+    ``pix`` (measure._Pixels of the exposure) avoids recomputing the valid-pixel map per call.
+    """
     from .measure import _Pixels
 
     sp = _local_psf(exposure, x, y)
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    _, w, _ = _Pixels(exposure).stamp(ix, iy, sp.half)
+    _, w, _ = (pix or _Pixels(exposure)).stamp(ix, iy, sp.half)
     p = sp.shifted(x - ix, y - iy)
     return float(np.sqrt((w * p * p).sum()))
 
@@ -171,7 +174,10 @@ def make_fakes(calexp: Exposure, config: dict | None = None, seed: int = 0,
                            avoid_xy=avoid_xy)
     n = len(pos)
     snr_target = np.exp(rng.uniform(np.log(cfg["snr_min"]), np.log(cfg["snr_max"]), n))
-    unit = np.array([optimal_snr_unit(calexp, x, y) for x, y in zip(pos["x"], pos["y"])])
+    from .measure import _Pixels
+
+    pix = _Pixels(calexp)
+    unit = np.array([optimal_snr_unit(calexp, x, y, pix) for x, y in zip(pos["x"], pos["y"])])
     with np.errstate(divide="ignore", invalid="ignore"):
         flux = np.where(unit > 0, snr_target / unit, np.nan)
     ok = np.isfinite(flux)

@@ -7,7 +7,7 @@
 FAKES = config["fakes"]
 
 
-def fakes_truth_inputs():
+def fakes_truth_inputs(wildcards=None):
     """Truth tables (galaxy hosts, isolation, truth matching) exist only for the simulated survey."""
     if config["inputs"]["source"] != "simulate":
         return {}
