@@ -451,19 +451,26 @@ def run_isr(raw: RawFrame, bias: Exposure | None = None, dark: Exposure | None =
     return Exposure(MaskedImage(image, mask, variance), wcs=wcs, metadata=meta)
 
 
-def _signal_for_variance(image: np.ndarray, read_var: np.ndarray, nsigma: float = 3.0) -> np.ndarray:
+def _signal_for_variance(image: np.ndarray, read_var: np.ndarray) -> np.ndarray:
     """Expected electrons of each pixel, for its Poisson variance (e-, >= 0).
 
-    The pixel's own value is a noisy estimate: using it makes low pixels look
-    less noisy than high ones and biases (image - truth)/sigma low by about
-    1/(2 sqrt(sky)).  The 3x3 mean has a ninth of that noise; where a pixel
-    stands more than ``nsigma`` above it (star peaks, cosmic rays) its own value
-    is kept so that peaks are not given too little variance.
+    On the sky, the pixel's own value is a noisy estimate of its expectation:
+    using it makes low pixels look less noisy than high ones and biases
+    (image - truth)/sigma low by about 1/(2 sqrt(sky)).  There the 3x3 mean
+    (a ninth of the noise) is used.  On sources (3x3 mean more than one
+    pixel-sigma above the local background) the 3x3 mean would misjudge a
+    peaked profile, and the bias of the own value is negligible: own value.
     """
-    smooth = ndimage.uniform_filter(image, size=3, mode="nearest")
+    p = np.pad(image, 1, mode="edge")
+    rows = p[:-2] + p[1:-1] + p[2:]
+    smooth = rows[:, :-2] + rows[:, 1:-1]
+    smooth += rows[:, 2:]
+    smooth *= np.float32(1.0 / 9.0)
+    del p, rows
+    bkg = _coarse_background(image, low=False)
+    source = smooth - bkg > np.sqrt(np.maximum(bkg, 0) + read_var)
     np.maximum(smooth, 0, out=smooth)
-    peak = image - smooth > nsigma * np.sqrt(smooth + read_var)
-    return np.where(peak, np.maximum(image, 0), smooth)
+    return np.where(source, np.maximum(image, 0), smooth)
 
 
 def _metadata(raw: RawFrame, asm: Assembled, darktime: float) -> dict:
@@ -614,16 +621,17 @@ def _dilate_sparse(m: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _coarse_background(img, block=64) -> np.ndarray:
-    """Low estimate of the local background: block medians of a 4x-thinned image,
-    minimum over neighbouring blocks, expanded to full size (float32)."""
+def _coarse_background(img, block=64, low=True) -> np.ndarray:
+    """Local background: block medians of a 4x-thinned image, expanded to full size
+    (float32); with ``low``, the minimum over neighbouring blocks (a low estimate)."""
     ny, nx = img.shape
     by, bx = max(1, -(-ny // block)), max(1, -(-nx // block))
     thin = img[::4, ::4]
     ty, tx = -(-thin.shape[0] // by) * by, -(-thin.shape[1] // bx) * bx
     padded = np.pad(thin, ((0, ty - thin.shape[0]), (0, tx - thin.shape[1])), mode="edge")
     med = np.median(padded.reshape(by, ty // by, bx, tx // bx).transpose(0, 2, 1, 3).reshape(by, bx, -1), axis=-1)
-    med = ndimage.minimum_filter(med, size=3, mode="nearest")
+    if low:
+        med = ndimage.minimum_filter(med, size=3, mode="nearest")
     full = np.repeat(np.repeat(med, -(-ny // by), axis=0), -(-nx // bx), axis=1)[:ny, :nx]
     return full.astype(np.float32)
 
