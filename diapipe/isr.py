@@ -195,6 +195,14 @@ def read_raw(path, data_id: dict | None = None, required=REQUIRED_KEYS) -> RawFr
                and not (k == "FILTER" and "band" in given)]
     if missing:
         raise DiapipeError(f"raw header lacks required key(s) {', '.join(missing)}", path, ids)
+    for key in ("EXPTIME", "DARKTIME"):
+        if key in header and header[key] not in (None, ""):
+            try:
+                ok = np.isfinite(float(header[key])) and float(header[key]) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise DiapipeError(f"raw header {key}={header[key]!r} is not a time in seconds", path, ids)
     try:
         amps = amplifiers_from_header(header, data.shape)
     except ValueError as exc:

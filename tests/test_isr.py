@@ -278,6 +278,17 @@ def test_missing_header_key(fake, tmp_path, key):
     _assert_clear(exc, p, key)
 
 
+def test_exptime_not_a_number(fake, tmp_path):
+    def bad(d, h):
+        h["EXPTIME"] = "sixty"
+        return d, h
+
+    p = _bad_copy(fake, tmp_path, "exptime_text.fits", bad)
+    with pytest.raises(DiapipeError) as exc:
+        isr.read_raw(p, {"visit": 7, "detector": 0})
+    _assert_clear(exc, p, "EXPTIME")
+
+
 def test_wrong_shape_raw(fake, tmp_path):
     p = _bad_copy(fake, tmp_path, "cropped.fits", lambda d, h: (d[:, :-30], h))
     with pytest.raises(DiapipeError) as exc:
