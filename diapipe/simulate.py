@@ -530,6 +530,11 @@ def truth_fluxes(plan: SurveyPlan) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def mid_exposure_mjd(vrow) -> float:
+    """MJD at the middle of a visit's exposure (the epoch of its truth positions and fluxes)."""
+    return float(vrow["mjd"]) + float(vrow["exptime"]) / 2 / 86400.0
+
+
 def exposure_sources(plan: SurveyPlan, visit: int, detector: int, margin: float = 0.0) -> pd.DataFrame:
     """Sources whose centre falls on (visit, detector) within ``margin`` pixels of its edge.
 
@@ -542,8 +547,10 @@ def exposure_sources(plan: SurveyPlan, visit: int, detector: int, margin: float 
     sim = plan.sim
     vrow = plan.visit_row(visit)
     src = plan.sources
-    ra, dec = source_positions(src, vrow["mjd"])
-    mag = light_curve_mag(src, vrow["mjd"])
+    # Positions and brightnesses at mid-exposure (movers trail, flares fade during it).
+    mjd_mid = mid_exposure_mjd(vrow)
+    ra, dec = source_positions(src, mjd_mid)
+    mag = light_curve_mag(src, mjd_mid)
     # Cheap cut on the undistorted (TAN) position first, then the exact inverse for candidates.
     xl, yl = header_wcs(plan, visit, detector, true_pointing=True).wcs_world2pix(ra, dec, 0)
     lim = 50.0 + margin + abs(sim["distortion_px"]) * 3
@@ -990,6 +997,14 @@ def render_sky(plan: SurveyPlan, visit: int, detector: int) -> np.ndarray:
             cell = (ix[i] // cell_size, iy[i] // cell_size)
             stamp = _render_galaxy(p, kernel_cache, cell, row, ddx[i], ddy[i])
             _add_stamp(img, flux[i] * stamp, ix[i], iy[i])
+        elif kind[i] == "mover":
+            # Trailed: the flux spread over PSFs every <= 0.5 px along the path during the exposure.
+            h = _star_half(p, flux[i], cap)
+            path_x, path_y = _mover_path(plan, visit, detector, int(src["source_id"].iat[i]))
+            for xs, ys in zip(path_x, path_y):
+                jx, jy = int(math.floor(xs + 0.5)), int(math.floor(ys + 0.5))
+                stamp = psf_stamp(p, h, xs - jx, ys - jy)
+                _add_stamp(img, flux[i] / len(path_x) * stamp, jx, jy)
         else:
             h = _star_half(p, flux[i], cap)
             stamp = psf_stamp(p, h, ddx[i], ddy[i])
@@ -997,6 +1012,21 @@ def render_sky(plan: SurveyPlan, visit: int, detector: int) -> np.ndarray:
     if bool(vrow["sat_trail"]):
         _add_satellite(img, plan, visit, detector, vrow)
     return img
+
+
+def _mover_path(plan, visit, detector, source_id) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions of a moving object sampled evenly (<= 0.5 px apart) over the exposure."""
+    vrow = plan.visit_row(visit)
+    row = plan.sources[plan.sources["source_id"] == source_id]
+    t0 = float(vrow["mjd"])
+    t1 = t0 + float(vrow["exptime"]) / 86400.0
+    ends = [source_positions(row, t) for t in (t0, t1)]
+    (xa,), (ya,) = sky_to_pixel(plan, visit, detector, *ends[0])
+    (xb,), (yb,) = sky_to_pixel(plan, visit, detector, *ends[1])
+    n = max(1, int(math.ceil(math.hypot(xb - xa, yb - ya) / 0.5)) + 1)
+    # Midpoints of n equal time steps: their mean is the mid-exposure position (the truth).
+    t = (np.arange(n) + 0.5) / n
+    return xa + t * (xb - xa), ya + t * (yb - ya)
 
 
 def _add_satellite(img, plan, visit, detector, vrow) -> None:
@@ -1309,16 +1339,20 @@ def simulate_raw(cfg, plan: SurveyPlan, visit: int, detector: int) -> tuple[fits
     hdul = fits.HDUList([fits.PrimaryHDU(raw, header=header)])
 
     # Truth: the calibrated (flat-fielded, e-) expectation, its variance and its masks.
-    rn_map = np.empty(truth.shape, np.float64)
+    rn2 = np.empty(sim["nx"], np.float64)  # read noise^2 (e-^2) per column
     for lay, (_, amp) in zip(amp_layout(sim), amps.iterrows()):
-        rn_map[:, lay["det"][0] : lay["det"][1]] = float(amp["read_noise"])
+        rn2[lay["det"][0] : lay["det"][1]] = float(amp["read_noise"]) ** 2
+    raw_var = expected + rn2[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        variance = np.where(resp > 0, (expected + rn_map**2) / resp**2, 1e10)
+        variance = np.where(resp > 0, raw_var / (resp * resp), 1e10).astype(np.float32)
     mask = np.zeros(truth.shape, masks.MASK_DTYPE)
     masks.set_plane(mask, defects.bad | dead, "BAD")
     masks.set_plane(mask, sat, "SAT")
-    noise = np.sqrt(expected + rn_map**2)
-    masks.set_plane(mask, cr > sim["cr_mask_nsigma"] * noise, "CR")
+    hit = np.nonzero(cr)
+    crmask = np.zeros(truth.shape, bool)
+    crmask[hit] = cr[hit] > sim["cr_mask_nsigma"] * np.sqrt(raw_var[hit])
+    masks.set_plane(mask, crmask, "CR")
+    del raw_var
     zp = float(vrow["zeropoint"])
     meta = {
         "visit": visit,
@@ -1335,7 +1369,7 @@ def simulate_raw(cfg, plan: SurveyPlan, visit: int, detector: int) -> tuple[fits
         "TRUTH": True,
     }
     exp = Exposure(
-        MaskedImage(truth.astype(np.float32), mask, variance.astype(np.float32)),
+        MaskedImage(truth.astype(np.float32), mask, variance),
         wcs=true_wcs(plan, visit, detector),
         psf=pixel_psf(plan, visit, detector),
         metadata=meta,
@@ -1435,14 +1469,15 @@ def add_cli(subparsers) -> None:
         help="write the simulated survey (plan, raw frames, calibration frames, truth)",
         description="Write the simulated survey of a config. Without --visit/--detector/--kind, everything.",
     )
-    p.add_argument("action", nargs="?", default="all", choices=["all", "plan", "raw", "calib"],
-                   help="what to write (default: all)")
+    p.add_argument("action", nargs="?", default="all", choices=["all", "plan", "raw", "calib", "check"],
+                   help="what to write (default: all); 'check' measures a written survey against its truth")
     p.add_argument("--config", action="append", default=None,
                    help="config YAML (repeat to overlay; default config/config.yaml)")
     p.add_argument("--out-dir", default=".", help="root directory for the dataset paths (default: .)")
     p.add_argument("--seed", type=int, default=None, help="override the config seed")
     p.add_argument("--visit", type=int, help="raw: only this visit")
-    p.add_argument("--detector", type=int, help="raw/calib: only this detector")
+    p.add_argument("--detector", type=int, help="raw/calib/check: only this detector")
+    p.add_argument("--report", help="check: write the summary (JSON) and tables (Parquet) beside this path")
     p.set_defaults(func=_cli)
 
 
@@ -1457,6 +1492,8 @@ def _cli(args) -> int:
         cfg["seed"] = args.seed
     butler = Butler(cfg["datasets"], root=args.out_dir)
     seed = cfg["seed"]
+    if args.action == "check":
+        return _cli_check(args, cfg, butler)
     if args.action == "all" and args.visit is None and args.detector is None:
         counts = simulate_survey(cfg, butler, seed)
         log.info("wrote %d raw and %d calibration frames under %s", counts["raw"], counts["calib"], args.out_dir)
@@ -1480,4 +1517,26 @@ def _cli(args) -> int:
             ds = {"bias": "raw_bias", "dark": "raw_dark", "flat": "raw_flat"}[c["kind"]]
             write_fits(simulate_calib(cfg, c["kind"], c["detector"], c["seq"], c["band"], seed=seed),
                        butler.get(ds, detector=c["detector"], seq=c["seq"], band=c["band"]))
+    return 0
+
+
+def _cli_check(args, cfg, butler) -> int:
+    import time
+
+    from . import simulate_checks
+    from .fileio import write_text
+
+    t0 = time.monotonic()
+    visits = [args.visit] if args.visit is not None else None
+    dets = [args.detector] if args.detector is not None else None
+    rep = simulate_checks.survey_report(cfg, butler, visits, dets)
+    rep["summary"]["check_wall_s"] = round(time.monotonic() - t0, 1)
+    text = json.dumps(rep["summary"], indent=2)
+    print(text)
+    if args.report:
+        from pathlib import Path
+
+        write_text(text + "\n", args.report)
+        for name, table in rep["tables"].items():
+            write_parquet(table, Path(args.report).with_suffix(f".{name}.parquet"))
     return 0

@@ -354,3 +354,71 @@ def check_exposure(plan, visit: int, detector: int, raw_hdul=None, truth=None) -
 
 def read_fits(path) -> fits.HDUList:
     return fits.open(path, memmap=False)
+
+
+def survey_report(cfg, butler, visits=None, detectors=None) -> dict:
+    """Measure the acceptance figures on a written survey (files through ``butler``).
+
+    Returns a dict of summary figures plus the per-item tables.
+    """
+    from .exposure import Exposure
+
+    paths = {n: butler.get(n) for n in sim_mod.PLAN_TABLES}
+    plan = sim_mod.load_plan(cfg, paths)
+    s = plan.sim
+    visits = list(plan.visits["visit"]) if visits is None else list(visits)
+    detectors = list(range(s["n_detectors"])) if detectors is None else list(detectors)
+    truth_amps = plan.amps.set_index(["detector", "amp"])
+    acc = {k: [] for k in ("overscan", "sky", "fwhm", "astrometry", "bleed", "bias")}
+    outliers = []
+    for v in visits:
+        for d in detectors:
+            with read_fits(butler.get("raw", visit=int(v), detector=d)) as raw:
+                truth = Exposure.read(butler.get("truth_exposure", visit=int(v), detector=d))
+                r = check_exposure(plan, int(v), d, raw_hdul=raw, truth=truth)
+            for k in ("overscan", "sky", "fwhm", "astrometry", "bleed"):
+                acc[k].append(r[k].assign(visit=int(v), detector=d))
+            outliers.append(dict(r["outliers"], visit=int(v), detector=d))
+    for d in detectors:
+        frames = []
+        for seq in range(s["n_bias"]):
+            with read_fits(butler.get("raw_bias", detector=d, seq=seq)) as h:
+                frames.append((h[0].data.copy(), h[0].header.copy()))
+        for i in range(0, len(frames) - 1, 2):
+            t = bias_pair_read_noise(frames[i][0], frames[i + 1][0], frames[i][1])
+            t2 = overscan_stats(frames[i][0], frames[i][1])
+            acc["bias"].append(t.merge(t2, on="amp").assign(detector=d, pair=i // 2))
+    tab = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in acc.items()}
+
+    def rel(t, col, truth_col):
+        tv = truth_amps.loc[list(zip(t["detector"], t["amp"])), truth_col].to_numpy()
+        return t[col].to_numpy() / tv - 1
+
+    o, b = tab["overscan"], tab["bias"]
+    f, a, bl = tab["fwhm"], tab["astrometry"], tab["bleed"]
+    summary = {
+        "n_exposures": len(visits) * len(detectors),
+        "bias_level_overscan_max_rel_err": float(np.abs(rel(o, "bias_overscan", "bias_level")).max()),
+        "read_noise_overscan_max_rel_err": float(np.abs(rel(o, "read_noise_overscan", "read_noise")).max()),
+        "read_noise_overscan_mean_rel_err": float(np.mean(rel(o, "read_noise_overscan", "read_noise"))),
+        "bias_level_biasframes_max_rel_err": float(np.abs(rel(b, "bias_frames", "bias_level")).max()) if len(b) else None,
+        "read_noise_biasframes_max_rel_err": float(np.abs(rel(b, "read_noise_bias", "read_noise")).max()) if len(b) else None,
+        "sky_var_ratio_mean": float(tab["sky"]["ratio"].mean()),
+        "sky_var_ratio_max_abs_dev": float(np.abs(tab["sky"]["ratio"] - 1).max()),
+        "fwhm_n_stars": len(f),
+        "fwhm_ratio_median": float(f["ratio"].median()) if len(f) else None,
+        "fwhm_ratio_rms_dev": float(np.sqrt(np.mean((f["ratio"] - 1) ** 2))) if len(f) else None,
+        "fwhm_frac_within_3pct": float((np.abs(f["ratio"] - 1) < 0.03).mean()) if len(f) else None,
+        "astrometry_n_stars": len(a),
+        "astrometry_rms_px": float(np.sqrt(np.mean(a["dx"] ** 2 + a["dy"] ** 2))) if len(a) else None,
+        "astrometry_mean_dx_dy_px": [float(a["dx"].mean()), float(a["dy"].mean())] if len(a) else None,
+        "saturated_stars": len(bl),
+        "saturated_stars_with_trail": int(bl["trail"].sum()) if len(bl) else 0,
+        "saturated_stars_over_2x_full_well": int((bl["peak_e"] > 2 * s["full_well"]).sum()) if len(bl) else 0,
+        "saturated_stars_over_2x_full_well_with_trail": int(bl.loc[bl["peak_e"] > 2 * s["full_well"], "trail"].sum())
+        if len(bl) else 0,
+        "outliers_6sigma": int(sum(x["n_outliers"] for x in outliers)),
+        "outliers_6sigma_unmasked": int(sum(x["n_outliers_unmasked"] for x in outliers)),
+        "mask_pixels_bad_sat_cr": [int(sum(x[k] for x in outliers)) for k in ("bad", "sat", "cr")],
+    }
+    return {"summary": summary, "tables": tab}

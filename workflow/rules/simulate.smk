@@ -131,3 +131,9 @@ rule simulate_calib:
         seed=SIM_SEED,
     script:
         "../scripts/simulate_calib.py"
+
+
+rule simulate_all:
+    """Only the simulated survey: `snakemake --cores 2 simulate_all`."""
+    input:
+        simulate_targets(),
