@@ -38,22 +38,24 @@ def nJy_per_electron(magzero: float) -> float:
 
 
 def psf_flux(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, psf: PixelPsf, x, y,
-             seg: np.ndarray | None = None, local_sky: bool = True, chunk: int = 2000):
+             seg: np.ndarray | None = None, local_sky: bool = True, half: int | None = None,
+             chunk: int = 2000):
     """PSF fluxes and errors (e-) of sources at 0-based (x, y); NaN where the stamp leaves the image.
 
     The model is fitted by linear least squares with uniform weights over the
     stamp, with (``local_sky``) a free constant so a residual sky error does not
     bias the flux.  Masked pixels and, given the segmentation map ``seg`` (value
     k+1 marks source k), other sources' footprints get zero weight.
+    half : fit over the central (2 half + 1)^2 pixels only (default: the PSF stamp).
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     flux = np.full(n, np.nan)
     err = np.full(n, np.nan)
-    half = psf.size // 2
+    half = psf.size // 2 if half is None else min(half, psf.size // 2)
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
-        model, _, _ = place_model(psf, x[sl], y[sl])
+        model, _, _ = place_model(psf, x[sl], y[sl], half=half)
         data, _, _, ok = cut_stamps(image, x[sl], y[sl], half)
         var, *_ = cut_stamps(variance, x[sl], y[sl], half)
         w, *_ = cut_stamps(~bad, x[sl], y[sl], half)

@@ -227,14 +227,20 @@ def _promote(psf: PixelPsf, order: int) -> PixelPsf:
     return PixelPsf(new, order=order, x0=psf.x0, y0=psf.y0, sx=psf.sx, sy=psf.sy)
 
 
-def place_model(psf: PixelPsf, x: np.ndarray, y: np.ndarray):
+def place_model(psf: PixelPsf, x: np.ndarray, y: np.ndarray, half: int | None = None):
     """Model stamps (N, size, size) shifted to the stars' sub-pixel positions.
 
     Stamp k is centred on pixel (round(x_k), round(y_k)); returned with those pixels.
+    half : return only the central (2 half + 1)^2 pixels (the model keeps its
+        unit sum over the full stamp, so fluxes stay on one scale).
     """
     a = LANCZOS_A
     m = model_stamps(psf, x, y)
-    m = np.pad(m, ((0, 0), (a, a), (a, a)))
+    h = psf.size // 2
+    if half is not None and half + a < h:
+        m = m[:, h - half - a : h + half + a + 1, h - half - a : h + half + a + 1]
+    else:
+        m = np.pad(m, ((0, 0), (a, a), (a, a)))
     ix = np.round(np.asarray(x)).astype(int)
     iy = np.round(np.asarray(y)).astype(int)
     # out(i) = model(i - f): shift by s = -f
