@@ -447,6 +447,10 @@ def run_isr(raw: RawFrame, bias: Exposure | None = None, dark: Exposure | None =
         if cfg["cr_interpolate"] and cr.any():
             masks.set_plane(mask, cr, "INTRP")
             image[cr] = cleaned[cr]
+            # The variance there followed the cosmic ray's charge; give it the interpolated value's.
+            ps = poisson_scale[cr] if np.ndim(poisson_scale) else poisson_scale
+            nf = noise_floor[cr] if np.ndim(noise_floor) else noise_floor
+            variance[cr] = nf + ps * np.maximum(cleaned[cr], 0)
         g = int(cfg["cr_grow"])
         if g and cr.any():
             cr = _dilate_sparse(cr, g)
