@@ -1161,13 +1161,14 @@ def cosmic_rays(sim: dict, rng, shape, exptime: float) -> np.ndarray:
     return dep
 
 
-def bleed(electrons: np.ndarray, full_well: float) -> np.ndarray:
+def bleed(electrons: np.ndarray, full_well: float) -> tuple[np.ndarray, np.ndarray]:
     """Clip at full well and spill the excess charge up and down the column (in place).
 
-    Returns the SAT map: pixels at full well plus the partly filled pixel at
-    each end of a trail (it holds spilled charge, so it is not to be trusted).
+    Returns (sat, spill): ``sat`` the pixels that reached the full well (cores
+    and trails), ``spill`` the partly filled pixel at each end of a trail (it
+    holds spilled charge, so it is not to be trusted, but it is not saturated).
     """
-    sat = electrons >= full_well
+    spill = np.zeros(electrons.shape, bool)
     for col in np.flatnonzero((electrons > full_well).any(axis=0)):
         c = electrons[:, col]
         for y0, y1 in _runs(c > full_well):  # [y0, y1)
@@ -1182,12 +1183,12 @@ def bleed(electrons: np.ndarray, full_well: float) -> np.ndarray:
                 cum = np.cumsum(room)
                 nfull = int(np.searchsorted(cum, remaining))
                 c[idx[:nfull]] = full_well
-                sat[idx[:nfull], col] = True
                 if nfull < len(idx):
                     c[idx[nfull]] += remaining - (cum[nfull - 1] if nfull > 0 else 0.0)
-                    sat[idx[nfull], col] = True
+                    spill[idx[nfull], col] = True
         electrons[:, col] = c
-    return sat | (electrons >= full_well)
+    sat = electrons >= full_well
+    return sat, spill & ~sat
 
 
 def _runs(b: np.ndarray) -> list[tuple[int, int]]:
@@ -1330,7 +1331,7 @@ def simulate_raw(cfg, plan: SurveyPlan, visit: int, detector: int) -> tuple[fits
     cr = cosmic_rays(sim, rng, truth.shape, float(vrow["exptime"]))
     electrons += cr
     full_well = float(amps["full_well"].iloc[0])
-    sat = bleed(electrons, full_well)
+    sat, spill = bleed(electrons, full_well)
     raw = assemble_raw(sim, amps, electrons, defects, rng)
 
     header = raw_header(sim, amps, detector, "object", vrow["mjd"], vrow["exptime"], darktime, band,
@@ -1348,6 +1349,7 @@ def simulate_raw(cfg, plan: SurveyPlan, visit: int, detector: int) -> tuple[fits
     mask = np.zeros(truth.shape, masks.MASK_DTYPE)
     masks.set_plane(mask, defects.bad | dead, "BAD")
     masks.set_plane(mask, sat, "SAT")
+    masks.set_plane(mask, spill, "SUSPECT")
     hit = np.nonzero(cr)
     crmask = np.zeros(truth.shape, bool)
     crmask[hit] = cr[hit] > sim["cr_mask_nsigma"] * np.sqrt(raw_var[hit])
