@@ -830,6 +830,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--config", help="YAML file with an isr block (or the full pipeline config)")
     p.add_argument("--no-cr", action="store_true", help="skip cosmic-ray detection")
     p.add_argument("--band", help="band, for raws whose header has no FILTER card")
+    p.add_argument("--visit", type=int, help="visit (checked against EXPNUM; used in messages)")
+    p.add_argument("--detector", type=int, help="detector (checked against DETECTOR; used in messages)")
     p.set_defaults(func=_cli)
 
 
@@ -846,6 +848,6 @@ def _cli(args) -> int:
         cfg = loaded.get("isr", loaded)
     if args.no_cr:
         cfg["cr_detect"] = False
-    isr_file(args.raw, args.output, args.bias, args.dark, args.flat, cfg,
-             data_id={"band": args.band} if args.band else None)
+    data_id = {k: getattr(args, k) for k in ("visit", "detector", "band") if getattr(args, k) is not None}
+    isr_file(args.raw, args.output, args.bias, args.dark, args.flat, cfg, data_id=data_id or None)
     return 0
