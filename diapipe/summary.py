@@ -109,9 +109,20 @@ def format_summary(status: str, times: dict[str, RuleTimes], runlog: RunLog) -> 
 
 
 def report(status: str, snakemake_log=None, benchmarks="benchmarks", out=None, stream=None) -> str:
-    """Print the summary to ``stream`` and, if given, write it to ``out``; return the text."""
-    text = format_summary(status, read_benchmarks(benchmarks), parse_snakemake_log(snakemake_log))
-    print(text, file=stream if stream is not None else sys.stderr)
+    """Print the summary to ``stream`` and, if given, write it to ``out``; return the text.
+
+    ``snakemake_log`` is a path or a list of paths (Snakemake hands ``log`` to the
+    onsuccess/onerror handlers as a list).  Never raises: a summary must not turn a
+    finished run into a failed one.
+    """
+    stream = stream if stream is not None else sys.stderr
+    try:
+        if isinstance(snakemake_log, (list, tuple)):
+            snakemake_log = next((p for p in snakemake_log if p and Path(p).exists()), None)
+        text = format_summary(status, read_benchmarks(benchmarks), parse_snakemake_log(snakemake_log))
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        text = f"diapipe run summary: {status.upper()} (summary unavailable: {exc!r})"
+    print(text, file=stream)
     if out:
         from .fileio import write_text
 

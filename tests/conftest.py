@@ -9,6 +9,7 @@ Do not modify files inside it (copy what you need to change).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,32 @@ class TinyRun:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
+    """The tiny workflow, run once; DIAPIPE_TINY_RUN=<dir> reuses a finished copy (for development)."""
     tiny_config()  # skips with a reason when the tiny config does not exist
+    reuse = os.environ.get("DIAPIPE_TINY_RUN")
+    if reuse:
+        wf = Path(reuse)
+        logs = sorted((wf / ".snakemake" / "log").glob("*.log"))
+        return TinyRun(wf, wf / "config" / "tiny.yaml", logs[-1].read_text() if logs else "", 0.0)
     wf = copy_workflow(tmp_path_factory.mktemp("tiny_run") / "wf")
     config = wf / "config" / "tiny.yaml"
     t0 = time.monotonic()
     proc = run(wf, "--cores", "2", "--configfile", config, timeout=1200)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
-        pytest.fail(f"the tiny workflow run failed ({proc.returncode}):\n{proc.stdout[-8000:]}")
+        pytest.fail(f"the tiny workflow run failed ({proc.returncode}):\n{failure_report(wf, proc.stdout)}")
     return TinyRun(wf, config, proc.stdout, wall)
+
+
+def failure_report(workdir: Path, output: str) -> str:
+    """The 'Error in rule' blocks of a Snakemake run and the tails of the failed jobs' logs."""
+    import re
+
+    blocks = re.findall(r"^Error in rule \w+:\n(?:[ \t]+.*\n?)*", output, flags=re.M)
+    parts = blocks[:5] or [output[-6000:]]
+    for block in blocks[:3]:
+        m = re.search(r"^\s+log: (\S+)", block, flags=re.M)
+        if m and (workdir / m.group(1)).exists():
+            tail = (workdir / m.group(1)).read_text(errors="replace")[-2500:]
+            parts.append(f"--- {m.group(1)} (tail):\n{tail}")
+    return "\n".join(parts)

@@ -66,6 +66,16 @@ def test_report_text(run_dir, capsys):
     assert "diapipe run summary" in capsys.readouterr().err
 
 
+def test_log_given_as_list_like_snakemake_does(run_dir):
+    text = summary.report("success", [str(run_dir / "run.log")], run_dir / "benchmarks")
+    assert "3 jobs finished this run" in text
+
+
+def test_never_raises(tmp_path):
+    text = summary.report("success", 12345, tmp_path)
+    assert "SUCCESS" in text
+
+
 def test_missing_inputs_are_fine(tmp_path):
     text = summary.report("success", tmp_path / "nolog", tmp_path / "nobench")
     assert "0 jobs finished this run, 0 failed" in text
