@@ -73,6 +73,30 @@ def bands():
     return list(config["simulate"]["bands"])
 
 
+def raw_calib_inputs(kind, detector, band=None):
+    """Paths of the raw calibration frames of a kind ('bias', 'dark', 'flat')."""
+    seqs = range(config["simulate"]["n_" + kind])
+    if kind == "flat":
+        return [path("raw_flat", band=band, detector=detector, seq=s) for s in seqs]
+    return [path("raw_" + kind, detector=detector, seq=s) for s in seqs]
+
+
+def simulate_targets():
+    """Every product of the simulate stage (none when raws come from a table)."""
+    if config["inputs"]["source"] != "simulate":
+        return []
+    tables = ("truth_visits", "truth_sources", "truth_fluxes", "truth_amps", "refcat")
+    out = [path(n) for n in tables]
+    for v in visits():
+        for d in detectors():
+            out += [path(n, visit=v, detector=d) for n in ("raw", "truth_exposure")]
+    for d in detectors():
+        out += raw_calib_inputs("bias", d) + raw_calib_inputs("dark", d)
+        for b in bands():
+            out += raw_calib_inputs("flat", d, b)
+    return out
+
+
 def all_targets():
     targets = []
     targets += simulate_targets()

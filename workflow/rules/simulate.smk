@@ -1,49 +1,9 @@
 # The simulated survey (diapipe.simulate): truth tables and reference catalog
 # (one job), raw science frames with their truth exposures (one job per visit
 # and detector), raw calibration frames (one job per detector).
+# simulate_targets() and raw_calib_inputs() live in common.smk (shared).
 SIM = config["simulate"]
 SIM_SEED = config["seed"]
-
-
-def sim_calib_seqs(kind):
-    return list(range(SIM["n_" + kind]))
-
-
-def raw_calib_inputs(kind, detector, band=None):
-    """Paths of all raw calibration frames of one kind ('bias', 'dark', 'flat') for a detector."""
-    if kind == "flat":
-        return [
-            path("raw_flat", band=band, detector=detector, seq=s)
-            for s in sim_calib_seqs("flat")
-        ]
-    return [path("raw_" + kind, detector=detector, seq=s) for s in sim_calib_seqs(kind)]
-
-
-def simulate_targets():
-    """Every product of the simulate stage (empty when the raws come from a table)."""
-    if config["inputs"]["source"] != "simulate":
-        return []
-    out = [
-        path(n)
-        for n in (
-            "truth_visits",
-            "truth_sources",
-            "truth_fluxes",
-            "truth_amps",
-            "refcat",
-        )
-    ]
-    for v in visits():
-        for d in detectors():
-            out += [
-                path("raw", visit=v, detector=d),
-                path("truth_exposure", visit=v, detector=d),
-            ]
-    for d in detectors():
-        out += raw_calib_inputs("bias", d) + raw_calib_inputs("dark", d)
-        for b in bands():
-            out += raw_calib_inputs("flat", d, b)
-    return out
 
 
 rule simulate_survey:
@@ -102,18 +62,18 @@ rule simulate_calib:
     output:
         bias=expand(
             path("raw_bias", detector="{detector}", seq="{seq}"),
-            seq=sim_calib_seqs("bias"),
+            seq=range(SIM["n_bias"]),
             allow_missing=True,
         ),
         dark=expand(
             path("raw_dark", detector="{detector}", seq="{seq}"),
-            seq=sim_calib_seqs("dark"),
+            seq=range(SIM["n_dark"]),
             allow_missing=True,
         ),
         flat=expand(
             path("raw_flat", band="{band}", detector="{detector}", seq="{seq}"),
             band=bands(),
-            seq=sim_calib_seqs("flat"),
+            seq=range(SIM["n_flat"]),
             allow_missing=True,
         ),
     log:
