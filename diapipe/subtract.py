@@ -607,7 +607,8 @@ def _diagnostic_hdus(sol, shape, direction) -> list:
     ny, nx = shape
     kh = fits.ImageHDU(sol.kernel_components.astype(np.float32), name="KERNEL")
     h = kh.header
-    h["KORDER"] = (sol.spatial_order, "K(x,y) = sum_m t_m(x,y) KERNEL[m], psf.poly_terms order")
+    h["KORDER"] = (sol.spatial_order, "K(x,y)=sum_m t_m(x,y) KERNEL[m]")
+    h["COMMENT"] = "t_m: diapipe.psf.poly_terms(KORDER) of (x-KX0)/KSX, (y-KY0)/KSY"
     h["KX0"], h["KY0"], h["KSX"], h["KSY"] = sol.x0, sol.y0, sol.sx, sol.sy
     h["CONVDIR"] = direction
     h["BGORDER"] = sol.bg_order
