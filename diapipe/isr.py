@@ -533,7 +533,8 @@ def _laplacian_plus(img: np.ndarray) -> np.ndarray:
     On a 2x-replicated image each sub-pixel's Laplacian is 2c - (vertical neighbour)
     - (horizontal neighbour) of the original pixel, so no 4x array is needed.
     """
-    p = np.pad(img, 1, mode="edge")
+    # Mirror at the edges: a replicated edge pixel would halve a cosmic ray's Laplacian there.
+    p = np.pad(img, 1, mode="reflect")
     c2 = 2 * p[1:-1, 1:-1]
     out = np.zeros(img.shape, np.float32)
     t = np.empty(img.shape, np.float32)
@@ -548,11 +549,18 @@ def _laplacian_plus(img: np.ndarray) -> np.ndarray:
     return out
 
 
+def _reflect(i, n):
+    """Indices mirrored into [0, n) about the edge pixels (numpy 'reflect' padding)."""
+    i = np.abs(i)
+    i = np.where(i > n - 1, 2 * (n - 1) - i, i)
+    return np.clip(i, 0, n - 1)
+
+
 def _gather(a, ys, xs, offsets) -> np.ndarray:
-    """a[ys+dy, xs+dx] for all offset pairs, edges clamped: shape (n, len, len)."""
+    """a[ys+dy, xs+dx] for all offset pairs, mirrored at the edges: shape (n, len, len)."""
     ny, nx = a.shape
-    yy = np.clip(ys[:, None, None] + offsets[None, :, None], 0, ny - 1)
-    xx = np.clip(xs[:, None, None] + offsets[None, None, :], 0, nx - 1)
+    yy = _reflect(ys[:, None, None] + offsets[None, :, None], ny)
+    xx = _reflect(xs[:, None, None] + offsets[None, None, :], nx)
     return a[yy, xx]
 
 
