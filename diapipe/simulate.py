@@ -339,12 +339,13 @@ def _source_table(sim: dict, seed: int, visits: pd.DataFrame) -> pd.DataFrame:
     table = pd.concat(blocks, ignore_index=True)
     table.insert(0, "source_id", np.arange(1, len(table) + 1, dtype=np.int64))
 
-    mjd_first_sci = visits.loc[~visits["is_template"], "mjd"].min() if (~visits["is_template"]).any() else visits["mjd"].min()
     mjd_last = visits["mjd"].max()
     transients = []
     # Supernovae in galaxies brighter than the host limit, offset from the centre.
     rng = rng_for(seed, "supernovae")
     hosts = table[(table["kind"] == "galaxy") & (table["mag"] < sim["sn_host_mag_max"])]
+    mjd_last_template = visits.loc[visits["is_template"], "mjd"].max()
+    tau_rise = rng.uniform(1.5, 4.0, min(sim["n_supernovae"], len(hosts)))
     nsn = min(sim["n_supernovae"], len(hosts))
     if nsn:
         pick = hosts.iloc[rng.choice(len(hosts), nsn, replace=False)]
@@ -360,8 +361,9 @@ def _source_table(sim: dict, seed: int, visits: pd.DataFrame) -> pd.DataFrame:
                     dec=pick["dec"].to_numpy() + ddec,
                     mag=rng.uniform(*sim["sn_peak_mag_range"], nsn),
                     host_id=pick["source_id"].to_numpy(),
-                    t0=rng.uniform(mjd_first_sci - 5, mjd_last, nsn),
-                    tau_rise=rng.uniform(2.0, 5.0, nsn),
+                    # Explosion (t0 - 4 tau_rise) after the last template visit: templates hold no SN light.
+                    t0=rng.uniform(mjd_last_template + 0.5, mjd_last - 1.0, nsn) + 4 * tau_rise,
+                    tau_rise=tau_rise,
                     tau_fall=rng.uniform(15.0, 40.0, nsn),
                 )
             )
@@ -445,12 +447,16 @@ def light_curve_mag(sources: pd.DataFrame, mjd: float) -> np.ndarray:
     t0 = sources["t0"].to_numpy(float)
     sn = kind == "sn"
     if sn.any():
-        # Bazin (2009) shape, scaled so its maximum is the peak magnitude.
+        # Bazin (2009) shape, scaled so its maximum is the peak magnitude; nothing before the
+        # explosion at t0 - 4 tau_rise (where the Bazin curve is at ~2% of its peak).
         tr, tf = sources["tau_rise"].to_numpy(float)[sn], sources["tau_fall"].to_numpy(float)[sn]
+
         def bazin(t):
             return np.exp(-t / tf) / (1 + np.exp(-t / tr))
+
         tpk = tr * np.log(tf / tr - 1)
         rel = bazin(mjd - t0[sn]) / bazin(tpk)
+        rel = np.where(mjd < t0[sn] - 4 * tr, 0.0, rel)
         with np.errstate(divide="ignore"):
             mag[sn] = np.where(rel > 1e-6, mag[sn] - 2.5 * np.log10(np.clip(rel, 1e-300, None)), np.inf)
     var = kind == "variable"
@@ -1336,6 +1342,12 @@ def simulate_raw(cfg, plan: SurveyPlan, visit: int, detector: int) -> tuple[fits
 
     header = raw_header(sim, amps, detector, "object", vrow["mjd"], vrow["exptime"], darktime, band,
                         vrow["airmass"], visit)
+    # A pixel reading at or above its amp's SATURATE is saturated as far as anyone can tell
+    # (a few near-full-well pixels do, with read noise): SAT = full well reached OR raw >= SATURATE.
+    for lay in amp_layout(sim):
+        (d0, d1), (r0, r1) = lay["det"], lay["raw_data"]
+        sat[:, d0:d1] |= raw[:, r0:r1] >= header[f"SATURAT{lay['amp']}"]
+    spill &= ~sat
     _add_pointing(header, header_wcs(plan, visit, detector), float(vrow["header_ra"]), float(vrow["header_dec"]))
     hdul = fits.HDUList([fits.PrimaryHDU(raw, header=header)])
 
