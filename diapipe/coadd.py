@@ -451,6 +451,26 @@ def coadd_from_files(warp_paths, output, *, mode="best_seeing", visits=None, mjd
     return co
 
 
+def template_files(calexp_path, coadd_paths, output, skymap=None, **kwargs) -> Exposure:
+    """Read a calexp and the coadds of the patches it may overlap; write its template_exp.
+
+    ``coadd_paths`` is a list, or a dict {patch: path}; with a dict and a
+    skymap only the coadds of patches the calexp's fitted WCS overlaps are read.
+    """
+    cx = Exposure.read(calexp_path)
+    if isinstance(coadd_paths, dict):  # {patch: path}
+        paths = list(coadd_paths.values())
+        if skymap is not None and cx.wcs is not None:
+            want = set(skymap.require_overlap(cx.wcs, cx.shape, path=calexp_path, data_id=cx.data_id))
+            paths = [p for k, p in coadd_paths.items() if int(k) in want] or paths
+    else:
+        paths = list(coadd_paths)
+    coadds = [Exposure.read(p) for p in paths]
+    t = template_for(cx, coadds, path=calexp_path, **kwargs)
+    t.write(output)
+    return t
+
+
 def _cli(args) -> int:
     coadd_from_files(args.warps, args.output, mode=args.mode, visits=args.visits, mjd_min=args.mjd_min,
                      mjd_max=args.mjd_max, n_best=args.n_best, weighting=args.weighting)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from astropy.wcs import WCS
@@ -178,15 +178,15 @@ class SkyMap:
             sra, sdec = field_center_from_simulate(sim_cfg or {})
             ra = sra if ra is None else ra
             dec = sdec if dec is None else dec
-        return cls(
-            ra0=float(ra),
-            dec0=float(dec),
-            pixel_scale=float(cfg.get("pixel_scale", 0.2)),
-            patch_size=int(cfg.get("patch_size", 2000)),
-            overlap=int(cfg.get("overlap", 100)),
-            n_patches_x=int(cfg.get("n_patches_x", 2)),
-            n_patches_y=int(cfg.get("n_patches_y", 2)),
-        )
+        scale = float(cfg.get("pixel_scale", 0.2))
+        size = int(cfg.get("patch_size", 2000))
+        npx, npy = int(cfg.get("n_patches_x", 2)), int(cfg.get("n_patches_y", 2))
+        if npx <= 0 or npy <= 0:
+            hx, hy = simulated_field_halfwidths(sim_cfg or {})
+            npx = npx if npx > 0 else max(1, int(np.ceil(2 * hx / scale / size)))
+            npy = npy if npy > 0 else max(1, int(np.ceil(2 * hy / scale / size)))
+        return cls(ra0=float(ra), dec0=float(dec), pixel_scale=scale, patch_size=size,
+                   overlap=int(cfg.get("overlap", 100)), n_patches_x=npx, n_patches_y=npy)
 
 
 def field_center_from_simulate(sim_cfg: dict) -> tuple[float, float]:
@@ -201,6 +201,28 @@ def field_center_from_simulate(sim_cfg: dict) -> tuple[float, float]:
         if isinstance(v, dict) and "ra" in v and "dec" in v:
             return float(v["ra"]), float(v["dec"])
     raise DiapipeError("skymap ra/dec are null and the simulate config names no field centre; set skymap.ra and skymap.dec")
+
+
+def simulated_field_halfwidths(sim_cfg: dict) -> tuple[float, float]:
+    """Half-widths (arcsec, along RA and Dec) of the sky any simulated visit can touch.
+
+    All detectors of the focal plane, rotated by up to ``rotation_deg`` and
+    dithered by up to ``dither_arcsec`` in each axis, plus 10 arcsec.
+    """
+    try:
+        from .simulate import detector_centre, sim_config
+
+        sim = sim_config(sim_cfg)
+    except Exception as exc:  # no simulate block: the user must give the tract size
+        raise DiapipeError(f"skymap n_patches_x/y are 0 but the simulated field is unknown ({exc}); "
+                           "set skymap.n_patches_x and n_patches_y") from None
+    hx = max(abs(detector_centre(sim, d)[0]) for d in range(sim["n_detectors"])) + sim["nx"] / 2
+    hy = max(abs(detector_centre(sim, d)[1]) for d in range(sim["n_detectors"])) + sim["ny"] / 2
+    rot = np.deg2rad(sim.get("rotation_deg", 0.0))
+    hx, hy = hx * np.cos(rot) + hy * np.sin(rot), hy * np.cos(rot) + hx * np.sin(rot)
+    margin = sim.get("dither_arcsec", 0.0) + 10.0
+    scale = sim.get("pixel_scale", 0.2)
+    return float(hx * scale + margin), float(hy * scale + margin)
 
 
 def _outline(nx: int, ny: int, step: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +274,67 @@ def _segments_cross(a, b, c, d) -> bool:
         return np.sign((q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0]))
 
     return orient(a, b, c) != orient(a, b, d) and orient(c, d, a) != orient(c, d, b)
+
+
+# ------------------------------------------------------------- planning
+@dataclass
+class OverlapPlan:
+    """Which patches each exposure feeds, known before any pixel exists (for the workflow DAG)."""
+
+    skymap: SkyMap
+    visit_band: dict  # visit -> band
+    exposure_patches: dict  # (visit, detector) -> [patch]
+    template_pool: list  # candidate template visits (all bands)
+    visit_mjd: dict = field(default_factory=dict)
+
+    def visits_on_patch(self, band: str, patch: int) -> list[int]:
+        return sorted({v for (v, d), ps in self.exposure_patches.items() if patch in ps and self.visit_band[v] == band})
+
+    def detectors_on_patch(self, visit: int, patch: int) -> list[int]:
+        return sorted(d for (v, d), ps in self.exposure_patches.items() if v == visit and patch in ps)
+
+    def patches_of(self, visit: int, detector: int | None = None) -> list[int]:
+        if detector is not None:
+            return list(self.exposure_patches.get((visit, detector), []))
+        return sorted({p for (v, d), ps in self.exposure_patches.items() if v == visit for p in ps})
+
+    def patches_in_band(self, band: str) -> list[int]:
+        return sorted({p for (v, d), ps in self.exposure_patches.items() if self.visit_band[v] == band for p in ps})
+
+
+def plan_overlaps(config: dict) -> OverlapPlan:
+    """Patches per (visit, detector) from the planned pointings, with ``skymap.plan_margin`` px to spare.
+
+    For the simulated survey the plan is ``diapipe.simulate.plan_survey``
+    (deterministic from the config, no pixels); its true WCS differs from the
+    fitted calexp WCS by well under an arcsec, far inside the margin.  For user
+    exposures (inputs.source 'table') nothing is known before the calexps
+    exist, so every visit feeds every patch; warps that turn out empty are
+    written as empty (COVERAGE 0) and skipped by the coadd.
+    """
+    sm = SkyMap.from_config(config.get("skymap", {}), config.get("simulate", {}))
+    margin = float(config.get("skymap", {}).get("plan_margin", 200))
+    if config.get("inputs", {}).get("source", "simulate") == "simulate":
+        from .simulate import plan_survey, true_wcs
+
+        plan = plan_survey(config)
+        sim = plan.sim
+        vb, ep, mjd = {}, {}, {}
+        for row in plan.visits.itertuples():
+            v = int(row.visit)
+            vb[v] = str(row.band)
+            mjd[v] = float(row.mjd)
+            for d in range(sim["n_detectors"]):
+                w = true_wcs(plan, v, d)
+                ep[(v, d)] = sm.patches_overlapping(w, (sim["ny"], sim["nx"]), margin=margin)
+        pool = [int(v) for v in plan.visits.loc[plan.visits["is_template"], "visit"]]
+        return OverlapPlan(sm, vb, ep, pool, mjd)
+    sim = config.get("simulate", {})
+    bands = list(sim.get("bands", ["r"]))
+    nv = int(sim.get("n_template_visits", 0)) + int(sim.get("n_science_visits", 0))
+    vb = {v: bands[v % len(bands)] for v in range(nv)}
+    ep = {(v, d): list(range(sm.n_patches)) for v in range(nv) for d in range(int(sim.get("n_detectors", 1)))}
+    return OverlapPlan(sm, vb, ep, list(range(nv)))
 
 
 # ------------------------------------------------------------------ CLI

@@ -405,6 +405,42 @@ def warp_to_patch(calexps: list[Exposure], skymap, patch: int, *, paths=None, **
     return warp_calexps(calexps, wcs, skymap.patch_shape, data_id=data_id, paths=paths, **kwargs)
 
 
+def empty_warp(data_id: dict) -> Exposure:
+    """A 1x1 all-NO_DATA warp with COVERAGE 0: 'this visit does not reach this patch'."""
+    mi = MaskedImage(np.zeros((1, 1)), np.full((1, 1), masks.bit("NO_DATA"), masks.MASK_DTYPE), np.zeros((1, 1)))
+    meta = dict(data_id)
+    meta.update({"COVERAGE": 0.0, "BUNIT": "nJy", "MAGZERO": COADD_MAGZERO, "NINPUTS": 0})
+    return Exposure(mi, metadata=meta)
+
+
+def warp_files(calexp_paths, skymap, patch: int, output, *, visit=None, band=None, **kwargs) -> Exposure:
+    """Read a visit's calexps, warp them onto ``patch`` and write the warp (the workflow's job).
+
+    A calexp that overlaps no patch of the tract at all is a DiapipeError (its
+    WCS or the skymap is wrong).  If the calexps overlap the tract but not this
+    patch (the plan's margin was generous), an empty warp (COVERAGE 0) is
+    written, which the coadd skips.
+    """
+    calexps = []
+    reaches = False
+    for p in calexp_paths:
+        cx = Exposure.read(p)
+        if cx.wcs is None:
+            raise DiapipeError("calexp has no WCS; cannot warp", p, cx.data_id)
+        patches = skymap.require_overlap(cx.wcs, cx.shape, path=p, data_id=cx.data_id)
+        reaches |= int(patch) in patches
+        calexps.append(cx)
+    data_id = {"visit": visit, "band": band, "patch": int(patch)}
+    if not reaches:
+        log.warning("visit %s does not reach patch %s: writing an empty warp", visit, patch)
+        w = empty_warp(data_id)
+    else:
+        w = warp_to_patch(calexps, skymap, patch, paths=list(calexp_paths), **kwargs)
+        w.metadata.update({k: v for k, v in data_id.items() if v is not None})
+    w.write(output)
+    return w
+
+
 def measure_fwhm(psf: PixelPsf, x: float, y: float) -> float:
     return moments_fwhm(psf.image(x, y))
 

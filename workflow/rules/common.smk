@@ -102,4 +102,6 @@ def all_targets():
     targets += simulate_targets()
     targets += isr_targets()
     targets += characterize_targets()
+    targets += coadd_targets()
+    targets += template_exp_targets()
     return targets

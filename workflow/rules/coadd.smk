@@ -1,0 +1,109 @@
+# Template coadds (diapipe.coadd): per band and patch, the selected template
+# visits' warps combined (weighted mean, single-visit artefacts rejected,
+# variance, PSF, NIMAGE), then resampled onto every calexp's pixel grid
+# (template_exp, in the calexp's electrons) for subtraction.
+#
+# The coadd job gets every warp of the candidate pool on the patch (coadd.visits,
+# or the simulated survey's template visits); the library then applies the
+# selection (list / MJD range / N best measured seeing), so 'best_seeing' uses
+# the seeing characterize measured, not the plan's.  A selection matching no
+# visit is one DiapipeError for that patch; other patches carry on.
+COADD = config["coadd"]
+
+
+def coadd_pool(band, patch):
+    pool = COADD["visits"] or OVERLAPS.template_pool
+    on_patch = OVERLAPS.visits_on_patch(band, int(patch))
+    return [v for v in on_patch if v in set(pool)]
+
+
+def coadd_warps(wildcards):
+    return [
+        path("warp", band=wildcards.band, patch=wildcards.patch, visit=v)
+        for v in coadd_pool(wildcards.band, wildcards.patch)
+    ]
+
+
+def template_coadds(wildcards):
+    """{patch: coadd path} for the patches planned under this exposure."""
+    v, d = int(wildcards.visit), int(wildcards.detector)
+    b = OVERLAPS.visit_band[v]
+    return {p: path("template", band=b, patch=p) for p in OVERLAPS.patches_of(v, d)}
+
+
+def coadd_targets():
+    out = [path("skymap")]
+    for b in bands():
+        out += [path("template", band=b, patch=p) for p in OVERLAPS.patches_in_band(b)]
+    return out
+
+
+def template_exp_targets():
+    return [
+        path("template_exp", visit=v, detector=d)
+        for v in visits()
+        for d in detectors()
+        if OVERLAPS.patches_of(v, d)
+    ]
+
+
+rule coadd:
+    """Template of one band on one patch from the selected visits' warps."""
+    input:
+        warps=coadd_warps,
+    output:
+        template=path("template"),
+    log:
+        log_path("coadd", band="{band}", patch="{patch}"),
+    benchmark:
+        bench_path("coadd", band="{band}", patch="{patch}")
+    conda:
+        "../../envs/coadd.yaml"
+    threads: 1
+    resources:
+        # all warps of the pool in memory (image, mask, variance, PSF-matched copies)
+        mem_mb=lambda wc, input: 1000
+        + int(
+            (SKYMAP["patch_size"] + 2 * SKYMAP["overlap"]) ** 2
+            * 8
+            * 6
+            * max(1, len(input.warps))
+            / 1e6
+        ),
+        runtime=30,
+    params:
+        coadd=COADD,
+    script:
+        "../scripts/coadd.py"
+
+
+rule template_exp:
+    """The coadd(s) resampled onto one calexp's pixel grid, for subtraction."""
+    input:
+        skymap=path("skymap"),
+        calexp=path("calexp"),
+        templates=lambda wc: list(template_coadds(wc).values()),
+    output:
+        template=path("template_exp"),
+    log:
+        log_path("template_exp", visit="{visit}", detector="{detector}"),
+    benchmark:
+        bench_path("template_exp", visit="{visit}", detector="{detector}")
+    conda:
+        "../../envs/coadd.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input: detector_mem_mb(6.0)
+        + int(
+            (SKYMAP["patch_size"] + 2 * SKYMAP["overlap"]) ** 2
+            * 12
+            * max(1, len(input.templates))
+            / 1e6
+        ),
+        runtime=15,
+    params:
+        patches=lambda wc: list(template_coadds(wc).keys()),
+        coadd=COADD,
+        warp=WARP,
+    script:
+        "../scripts/template_exp.py"

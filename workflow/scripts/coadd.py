@@ -1,0 +1,38 @@
+"""Snakemake entry: warps of one band and patch -> template coadd."""
+
+import sys
+
+from diapipe import logs
+from diapipe.coadd import coadd_from_files
+from diapipe.fileio import DiapipeError
+
+sm = snakemake  # noqa: F821
+log = logs.setup(sm.log[0])
+c = dict(sm.params.coadd)
+data_id = {"band": sm.wildcards.band, "patch": int(sm.wildcards.patch)}
+try:
+    if not sm.input.warps:
+        raise DiapipeError("no template-pool visit is planned on this patch", None, data_id)
+    co = coadd_from_files(
+        list(sm.input.warps),
+        sm.output.template,
+        mode=c["select"],
+        visits=c["visits"] or None,
+        mjd_min=c["mjd_min"],
+        mjd_max=c["mjd_max"],
+        n_best=c["n_best"],
+        data_id=data_id,
+        weighting=c["weighting"],
+        reject=c["reject"],
+        nsigma=c["nsigma"],
+        nsigma_low=c["nsigma_low"],
+        ampfrac=c["ampfrac"],
+        grow=c["grow"],
+        psf_order=c["psf_order"],
+        psf_grid=c["psf_grid"],
+        mask_threshold=c["mask_threshold"],
+    )
+    log.info("coadd of visits %s, seeing %.3f arcsec", co.metadata["VISITS"], co.metadata.get("SEEING", float("nan")))
+except DiapipeError as err:
+    log.error("coadd failed: %s", err)
+    sys.exit(1)
