@@ -131,15 +131,14 @@ def make_field(
                   pd.DataFrame({"x": xs, "y": ys, "mag": mags, "flux": flux}))
     fw, e1, e2 = truth.moffat_params(xs, ys)
     img = _render(nx, ny, xs, ys, flux, fw, e1, e2, beta, sub=3, box=int(6 * fwhm0))
-    # Galaxies: broad Moffats (beta 3, stand-ins for extended sources), not in the refcat.
-    # (beta 2 wings are heavier than real galaxies' and raise the apparent sky around
-    # every star by ~1 e-, a 0.01 mag effect on the zero point of this dense field.)
+    # Galaxies: broad Moffats (beta 2: heavy wings, a harsh test of the background and
+    # aperture correction in this dense field), not in the refcat.
     gx, gy = rng.uniform(0, nx, n_galaxies), rng.uniform(0, ny, n_galaxies)
     gmag = rng.uniform(18, 22.5, n_galaxies)
     gfw = rng.uniform(2.2, 4.0, n_galaxies) * fwhm0
     img += _render(nx, ny, gx, gy, 10 ** (-0.4 * (gmag - magzero)), gfw,
                    rng.uniform(-0.3, 0.3, n_galaxies), rng.uniform(-0.3, 0.3, n_galaxies),
-                   3.0, sub=1, box=int(5 * fwhm0))
+                   2.0, sub=1, box=int(5 * fwhm0))
     model = img + sky
     var = model + read_noise**2
     data = model + rng.normal(size=shape) * np.sqrt(var)
