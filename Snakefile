@@ -20,6 +20,7 @@ include: "workflow/rules/coadd.smk"
 include: "workflow/rules/subtract.smk"
 include: "workflow/rules/detect.smk"
 include: "workflow/rules/fakes.smk"
+include: "workflow/rules/realbogus.smk"
 
 
 rule all:

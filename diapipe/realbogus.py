@@ -44,7 +44,7 @@ log = logging.getLogger("diapipe.realbogus")
 
 #: Bump whenever a feature's definition changes: saved models record it and a
 #: model trained on other definitions is refused.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 
 _SIG2FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -61,13 +61,17 @@ FEATURES: dict[str, str] = {
     "size; ~1 for point sources, <1 for cosmic rays, >1 for trails and extended residuals (clipped to [0, 3]).",
     "ellipticity": "|e| = sqrt((Ixx-Iyy)^2 + (2Ixy)^2)/(Ixx+Iyy) of the weighted second moments of the difference "
     "source (0 round, -> 1 line-like).",
-    "sharpness": "Brightest of the 3x3 pixels at the centroid divided by the PSF-fit flux, times 2 pi sigma_PSF^2: "
-    "~1 for a PSF, >>1 for cosmic rays and hot pixels.",
+    "sharpness": "Difference pixel at the centroid over the PSF-fit model's value in that pixel: ~1 for a PSF, "
+    ">>1 for cosmic rays and hot pixels (clipped to [-10, 10]).",
     "centroid_offset": "Distance between the difference centroid and the cutout centre (FWHM).",
     "new_snr": "Aperture (radius 1 FWHM) S/N in the brighter epoch (science for positive detections): is there "
     "anything at this position in the new image.",
     "old_snr": "Aperture (radius 1 FWHM) S/N in the fainter epoch (template for positive detections): a source "
     "already there (star, galaxy core) makes residuals likely.",
+    "old_offset": "Distance from the difference centroid to the light centroid (Gaussian-weighted, window = PSF) "
+    "of the old epoch (FWHM); NaN when the old epoch has nothing there (aperture S/N < 3). ~0 for variable "
+    "stars, ~0.3-0.5 for misregistration dipoles.",
+    "new_offset": "Same for the new epoch (FWHM); NaN when its aperture S/N < 3.",
     "ratio_diff_new": "Difference aperture flux over new-epoch aperture flux (noise-floored, clipped to [-2, 2]); "
     "~1 for a new point source on empty sky.",
     "log_ratio_diff_old": "log10 of difference aperture flux over old-epoch aperture flux, both noise-floored: large "
@@ -265,10 +269,19 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
     oy, ox = np.meshgrid(off, off, indexing="ij")
     gy = np.clip(py[:, None, None] + oy[None], 0, S - 1)
     gx = np.clip(px[:, None, None] + ox[None], 0, S - 1)
-    box = np.clip(fs[np.arange(n)[:, None, None], gy, gx], 0, None)
-    bsum = box.sum(axis=(1, 2)) + tiny
-    xc = px + (box * ox[None]).sum(axis=(1, 2)) / bsum
-    yc = py + (box * oy[None]).sum(axis=(1, 2)) / bsum
+    box = fs[np.arange(n)[:, None, None], gy, gx]
+    # three-point Gaussian (log-parabola) interpolation of the smoothed peak: exact for a Gaussian,
+    # free of the pixel-locking of a moment centroid when the PSF is undersampled
+    def interp3(m, z, p):
+        with np.errstate(all="ignore"):
+            lm, lz, lp = np.log(m), np.log(z), np.log(p)
+            off = 0.5 * (lm - lp) / (lm - 2 * lz + lp)
+            lin = 0.5 * (m - p) / (m - 2 * z + p)  # plain parabola if a value is not positive
+        off = np.where((m > 0) & (z > 0) & (p > 0), off, lin)
+        return np.clip(np.nan_to_num(off, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+
+    xc = px + interp3(box[:, 1, 0], box[:, 1, 1], box[:, 1, 2])
+    yc = py + interp3(box[:, 0, 1], box[:, 1, 1], box[:, 2, 1])
     f["centroid_offset"] = np.hypot(xc - c, yc - c) / fwhm
 
     dx = xx[None] - xc[:, None, None]
@@ -291,20 +304,27 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
 
     # --- size and shape: Gaussian-weighted moments, window sigma 1.5 x PSF sigma
     sw2 = (1.5 * sig[:, None, None]) ** 2
-    W = w * np.exp(-rp2 / (2 * sw2)) * np.clip(d, 0, None)
-    m0 = W.sum(axis=(1, 2)) + tiny
+    # unclipped pixels: clipping the noise at zero would bias the size up, more so for larger FWHM
+    W = w * np.exp(-rp2 / (2 * sw2)) * d
+    m0 = W.sum(axis=(1, 2))
+    m0 = np.where(m0 > tiny, m0, tiny)
     ixx = (W * dx**2).sum(axis=(1, 2)) / m0
     iyy = (W * dy**2).sum(axis=(1, 2)) / m0
     ixy = (W * dx * dy).sum(axis=(1, 2)) / m0
     t = 0.5 * (ixx + iyy)
+    t = np.where(m0 > tiny, t, np.inf)  # no positive signal: undefined, treated as very large
     inv = 1.0 / np.maximum(t, tiny) - 1.0 / sw2[:, 0, 0]  # window deconvolution
     size = np.where(inv > 0, 1.0 / np.sqrt(np.maximum(inv, tiny)), 3.0 * sig)
     f["fwhm_ratio"] = np.clip(size / sig, 0.0, 3.0)
-    f["ellipticity"] = np.sqrt((ixx - iyy) ** 2 + (2 * ixy) ** 2) / np.maximum(ixx + iyy, tiny)
+    f["ellipticity"] = np.clip(np.sqrt((ixx - iyy) ** 2 + (2 * ixy) ** 2) / np.maximum(ixx + iyy, tiny), 0, 1)
 
-    # --- sharpness: brightest pixel of the 3x3 box on the (unsmoothed) difference
+    # --- sharpness: the pixel at the centroid against the PSF model's value there (1 for a PSF)
+    rows = np.arange(n)
+    iy = np.clip(np.floor(yc + 0.5).astype(int), 0, S - 1)
+    ix = np.clip(np.floor(xc + 0.5).astype(int), 0, S - 1)
+    model_pk = flux * P[rows, iy, ix]
+    f["sharpness"] = np.clip(d[rows, iy, ix] / np.where(np.abs(model_pk) > 0.5, model_pk, 0.5), -10, 10)
     peak = d[np.arange(n)[:, None, None], gy, gx].max(axis=(1, 2))
-    f["sharpness"] = np.clip(peak / np.where(np.abs(flux) > tiny, flux, tiny) * 2 * np.pi * sig**2, -10, 10)
 
     # --- flux ratios in a 1-FWHM aperture
     ap = w * (r < 1.0)
@@ -316,6 +336,8 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
     eo = sig_old * np.sqrt(nap)
     f["new_snr"] = Fn / en
     f["old_snr"] = Fo / eo
+    for key, img, snr_ap in (("old_offset", old, f["old_snr"]), ("new_offset", new, f["new_snr"])):
+        f[key] = np.where(snr_ap >= 3, _light_offset(img, w, xx, yy, xc, yc, sig), np.nan) / fwhm
     Fd_counts = Fd * sig_d  # back to image units for ratios
     ed = sig_d * np.sqrt(nap)
     f["ratio_diff_new"] = np.clip(Fd_counts / (np.abs(Fn) + en), -2, 2)
@@ -400,6 +422,20 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
     return pd.DataFrame({k: np.asarray(f[k], dtype=np.float64) for k in FEATURE_NAMES})
 
 
+def _light_offset(img, w, xx, yy, xc, yc, sig, iterations=3):
+    """Distance (pixels) from (xc, yc) to the Gaussian-weighted (window sigma = PSF sigma) centroid of img."""
+    x, y = xc.copy(), yc.copy()
+    pos = w * np.clip(img, 0, None)
+    for _ in range(iterations):
+        W = pos * np.exp(-((xx[None] - x[:, None, None]) ** 2 + (yy[None] - y[:, None, None]) ** 2)
+                         / (2 * sig[:, None, None] ** 2))
+        s = W.sum(axis=(1, 2))
+        ok = s > 0
+        x = np.where(ok, (W * xx[None]).sum(axis=(1, 2)) / np.where(ok, s, 1), x)
+        y = np.where(ok, (W * yy[None]).sum(axis=(1, 2)) / np.where(ok, s, 1), y)
+    return np.hypot(x - xc, y - yc)
+
+
 def feature_doc() -> str:
     """Markdown table documenting every feature (docs/realbogus-features.md)."""
     lines = [
@@ -426,10 +462,8 @@ MODEL_NAMES = ("hgb", "rf")
 
 #: Types a saved model may contain besides skops' defaults; anything else is refused on load.
 TRUSTED_TYPES = [
-    "sklearn.calibration.CalibratedClassifierCV",
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
     "sklearn.isotonic.IsotonicRegression",
+    "sklearn.linear_model._logistic.LogisticRegression",
     "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
     "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
@@ -476,7 +510,7 @@ class TrainConfig:
 class RealBogusModel:
     """A calibrated classifier with what it needs to be used safely."""
 
-    estimator: object  # fitted CalibratedClassifierCV
+    estimator: dict  # {'classifier': fitted classifier, 'calibrator': fitted calibrator, 'method': str}
     feature_names: list
     threshold: float  # reliability cut for the target FPR
     metadata: dict = field(default_factory=dict)
@@ -491,7 +525,7 @@ class RealBogusModel:
             return np.zeros(0)
         # OpenMP threads on a busy machine spin and crawl: cap them at the job's share of cores
         with threadpool_limits(limits=threads):
-            return self.estimator.predict_proba(X)[:, 1]
+            return calibrated_scores(self.estimator, X)
 
 
 def make_estimator(name: str, cfg: TrainConfig):
@@ -500,8 +534,9 @@ def make_estimator(name: str, cfg: TrainConfig):
 
     if name == "hgb":
         return HistGradientBoostingClassifier(
-            max_iter=cfg.hgb_max_iter, learning_rate=0.1, max_leaf_nodes=31, min_samples_leaf=20,
-            l2_regularization=1.0, early_stopping=False, random_state=cfg.seed,
+            # shallow, strongly regularised trees: robust to a few per cent of wrong labels
+            max_iter=cfg.hgb_max_iter, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=40,
+            l2_regularization=2.0, early_stopping=False, random_state=cfg.seed,
         )
     if name == "rf":
         return RandomForestClassifier(
@@ -543,23 +578,40 @@ def threshold_for_fpr(labels, scores, target_fpr: float) -> float:
     if len(bogus) == 0:
         return 0.5
     cand = np.unique(np.r_[np.asarray(scores), 1.0 + 1e-9])
-    # fpr(t) = fraction of bogus >= t, decreasing in t
-    fpr = 1.0 - np.searchsorted(bogus, cand, side="left") / len(bogus)
-    ok = np.nonzero(fpr <= target_fpr)[0]
+    # number of bogus >= t, decreasing in t; integers so 30/3000 is exactly "1%"
+    n_ge = len(bogus) - np.searchsorted(bogus, cand, side="left")
+    ok = np.nonzero(n_ge <= np.floor(target_fpr * len(bogus) + 1e-9))[0]
     return float(cand[ok[0]])
 
 
-def _fit_calibrated(name, cfg, X, y, splits):
-    from sklearn.calibration import CalibratedClassifierCV
+def _fit_calibrator(raw, y, method: str):
+    """Calibrator from raw out-of-fold scores to probabilities: isotonic, or Platt's sigmoid."""
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
 
-    cal = CalibratedClassifierCV(make_estimator(name, cfg), method=cfg.calibration, cv=splits, ensemble=False)
-    cal.fit(X, y)
-    return cal
+    if method == "isotonic":
+        return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw, y)
+    if method == "sigmoid":
+        return LogisticRegression(C=1e6).fit(np.asarray(raw)[:, None], y)
+    raise ValueError(f"unknown calibration {method!r}; use 'isotonic' or 'sigmoid'")
 
 
-def _calibrate_raw(cal, raw) -> np.ndarray:
-    """Apply a fitted CalibratedClassifierCV's calibrator to raw (out-of-fold) scores."""
-    return np.clip(cal.calibrated_classifiers_[0].calibrators[0].predict(raw), 0.0, 1.0)
+def _apply_calibrator(cal, raw) -> np.ndarray:
+    if hasattr(cal, "predict_proba"):
+        return cal.predict_proba(np.asarray(raw)[:, None])[:, 1]
+    return np.clip(cal.predict(raw), 0.0, 1.0)
+
+
+def raw_scores(clf, X) -> np.ndarray:
+    """Uncalibrated score of a fitted classifier (decision_function if it has one, else P(real))."""
+    if _raw_method(clf) == "decision_function":
+        return clf.decision_function(X)
+    return clf.predict_proba(X)[:, 1]
+
+
+def calibrated_scores(estimator: dict, X) -> np.ndarray:
+    """Reliability of rows X from a {'classifier', 'calibrator'} pair."""
+    return _apply_calibrator(estimator["calibrator"], raw_scores(estimator["classifier"], X))
 
 
 def data_hash(features: pd.DataFrame, labels, groups) -> str:
@@ -620,9 +672,13 @@ def _train(features, labels, groups, cfg):
     # pick by measurement: lowest CV metric, ties broken by AUC
     best = min(cfg.models, key=lambda k: (report["cv"][k][cfg.select_metric], -report["cv"][k]["auc"]))
     report["chosen"] = best
+    # Calibration as CalibratedClassifierCV(ensemble=False) does it, without refitting the folds: the
+    # calibrator learns from the out-of-fold scores, the classifier is refitted on all training visits.
     t0 = time.perf_counter()
-    cal = _fit_calibrated(best, cfg, X, y, splits)
-    oof_cal = _calibrate_raw(cal, oof[best])
+    calibrator = _fit_calibrator(oof[best], y, cfg.calibration)
+    clf = make_estimator(best, cfg).fit(X, y)
+    cal = {"classifier": clf, "calibrator": calibrator, "method": cfg.calibration}
+    oof_cal = _apply_calibrator(calibrator, oof[best])
     threshold = threshold_for_fpr(y, oof_cal, cfg.target_fpr)
     report["calibrated_fit_seconds"] = round(time.perf_counter() - t0, 2)
     report["threshold"] = threshold
@@ -776,8 +832,13 @@ def permutation_importances(model: RealBogusModel, features, labels, n_repeats=3
     if len(y) > max_rows:
         idx = np.random.default_rng(seed).choice(len(y), max_rows, replace=False)
         X, y = X[idx], y[idx]
-    r = permutation_importance(model.estimator, X, y, scoring="average_precision", n_repeats=n_repeats,
-                               random_state=seed, n_jobs=1)
+    from sklearn.metrics import average_precision_score
+
+    def scorer(clf, Xs, ys):
+        return average_precision_score(ys, _apply_calibrator(model.estimator["calibrator"], raw_scores(clf, Xs)))
+
+    r = permutation_importance(model.estimator["classifier"], X, y, scoring=scorer, n_repeats=n_repeats, random_state=seed,
+                               n_jobs=1)
     order = np.argsort(-r.importances_mean)
     return {model.feature_names[i]: {"mean": float(r.importances_mean[i]), "std": float(r.importances_std[i])}
             for i in order}
@@ -1023,7 +1084,8 @@ def run_train(feature_paths, classes_path, dia_path, model_out, metrics_out, plo
     cfg = TrainConfig.from_config(config)
     feats = _load_features(feature_paths)
     classes = pd.read_parquet(classes_path)
-    dia = pd.read_parquet(dia_path, columns=["diaSourceId", "visit", "snr"])
+    # the detection S/N is kept apart from the feature 'snr' (the cutout PSF-fit S/N)
+    dia = pd.read_parquet(dia_path, columns=["diaSourceId", "visit", "snr"]).rename(columns={"snr": "detSnr"})
     tab = feats.merge(classes[["diaSourceId", "truthClass"]], on="diaSourceId", how="inner").merge(
         dia, on="diaSourceId", how="inner")
     if len(tab) < len(feats):
@@ -1032,7 +1094,7 @@ def run_train(feature_paths, classes_path, dia_path, model_out, metrics_out, plo
     log.info("training set: %d diaSources (%d real, %d bogus) in %d visits", len(y), y.sum(), len(y) - y.sum(),
              tab["visit"].nunique())
     noise = float((config or {}).get("label_noise_check", 0.0))
-    model, metrics = train_and_evaluate(tab, y, tab["visit"].to_numpy(), cfg, snr=tab["snr"].to_numpy(),
+    model, metrics = train_and_evaluate(tab, y, tab["visit"].to_numpy(), cfg, snr=tab["detSnr"].to_numpy(),
                                         kinds=tab["truthClass"].to_numpy(), label_noise=noise)
     save_model(model, model_out)
     _write_metrics(metrics, metrics_out, plots_dir)
@@ -1061,11 +1123,11 @@ def run_score(dia_path, feature_paths, model_path, output, threads: int = 1) -> 
     model = load_model(model_path)
     dia = pd.read_parquet(dia_path)
     feats = _load_features(feature_paths)
-    tab = dia.merge(feats, on="diaSourceId", how="left")
-    missing = tab[FEATURE_NAMES[0]].isna() & ~dia["diaSourceId"].isin(feats["diaSourceId"]).to_numpy()
+    missing = ~dia["diaSourceId"].isin(feats["diaSourceId"]).to_numpy()
     if missing.any():
         raise DiapipeError(f"{int(missing.sum())} diaSources have no features (e.g. diaSourceId "
-                           f"{int(tab.loc[missing, 'diaSourceId'].iloc[0])})", dia_path)
+                           f"{int(dia.loc[missing, 'diaSourceId'].iloc[0])})", dia_path)
+    tab = feats.drop_duplicates("diaSourceId").set_index("diaSourceId").reindex(dia["diaSourceId"].to_numpy())
     out = dia.copy()
     out["reliability"] = model.reliability(tab, threads=threads).astype(np.float32)
     out["isReliable"] = out["reliability"] >= model.threshold
