@@ -598,8 +598,9 @@ def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
     n = len(ys)
     sp = np.full(n, -np.inf, np.float32)
     fs = np.ones(n, np.float32)
+    pk = np.zeros(n, np.float32)
     if n == 0:
-        return sp, fs
+        return (sp, fs, pk) if fine else (sp, fs)
     # Stage 1: S at the centre only (5x5 window).
     w5 = _gather(img, ys, xs, _OFF9[2:-2]).astype(np.float32, copy=False)
     m5c = _median_last(w5.reshape(n, 25))
@@ -607,7 +608,7 @@ def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
     nc = _noise(floor, scale, ys, xs, m5c[:, None, None], np.zeros(1, int))[:, 0, 0]
     go = np.nonzero(lpc / (2 * nc) > thresh)[0]
     if go.size == 0:
-        return sp, fs
+        return (sp, fs, pk) if fine else (sp, fs)
     ys, xs = ys[go], xs[go]
     k = go.size
     # Stage 2: the full statistics.
@@ -621,7 +622,9 @@ def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
         m3 = _median_last(sliding_window_view(win, (3, 3), axis=(1, 2)).reshape(k, 7, 7, 9))
         f = m3[:, 3, 3] - _median_last(m3.reshape(k, 49))
         fs[go] = np.maximum(f / noise[:, 2, 2], 0.01)
-    return sp, fs
+        # How far the pixel stands above its own 3x3 median, in noise sigmas.
+        pk[go] = (win[:, 4, 4] - m3[:, 3, 3]) / noise[:, 2, 2]
+    return (sp, fs, pk) if fine else (sp, fs)
 
 
 def _neighbours(ys, xs, shape, radius=1):
@@ -744,8 +747,10 @@ def find_cosmic_rays(image, noise_floor, poisson_scale=1.0, exclude=None, sigcli
     for it in range(max(int(niter), 1)):
         if ys.size == 0:
             break
-        sp, fine = _local_stats(img, noise_floor, poisson_scale, ys, xs, thresh=sigclip)
-        hit = (sp > sigclip) & (sp / fine > objlim)
+        sp, fine, peak = _local_stats(img, noise_floor, poisson_scale, ys, xs, thresh=sigclip)
+        # A seed must also stand out of its own 3x3 neighbourhood: the edge of a step
+        # (an unilluminated strip, a vignetted corner) is sharp but is no peak.
+        hit = (sp > sigclip) & (sp / fine > objlim) & (peak > 0.5 * sigclip)
         hy, hx = ys[hit], xs[hit]
         if hy.size == 0:
             break
@@ -755,21 +760,27 @@ def find_cosmic_rays(image, noise_floor, poisson_scale=1.0, exclude=None, sigcli
         # Grow: neighbours with S' > sigclip, then neighbours of those with S' > sigfrac*sigclip.
         # S' is evaluated after the confirmed pixels are replaced, so that a bright
         # pixel does not hide the fainter charge next to it along the track.
-        gy0, gx0 = hy, hx
-        for thresh in (sigclip, sigfrac * sigclip):
-            gy, gx = _neighbours(gy0, gx0, shape)
+        # Stage 0 grows from the seeds at sigclip, stage 1 from everything found so far at
+        # sigfrac x sigclip (two steps, as L.A.Cosmic: more would eat into a star that a
+        # cosmic ray hit, since growth has no fine-structure test).
+        last = (hy, hx)
+        for stage, thresh in enumerate((sigclip, sigfrac * sigclip)):
+            front = (np.concatenate(new_y), np.concatenate(new_x)) if stage == 1 else last
+            gy, gx = _neighbours(*front, shape)
             keep = ~cr[gy, gx] & ~exclude[gy, gx]
             gy, gx = gy[keep], gx[keep]
-            gsp, _ = _local_stats(img, noise_floor, poisson_scale, gy, gx, thresh=thresh, fine=False)
-            sel = gsp > thresh
+            gsp, _, gpk = _local_stats(img, noise_floor, poisson_scale, gy, gx, thresh=thresh)
+            sel = (gsp > thresh) & (gpk > 0.5 * thresh)
             gy, gx = gy[sel], gx[sel]
             if gy.size == 0:
+                if stage == 0:
+                    continue
                 break
             cr[gy, gx] = True
             img[gy, gx] = _clean_values(img, cr, gy, gx)
             new_y.append(gy)
             new_x.append(gx)
-            gy0, gx0 = np.concatenate([gy0, gy]), np.concatenate([gx0, gx])
+            last = (gy, gx)
         nys, nxs = np.concatenate(new_y), np.concatenate(new_x)
         log.debug("L.A.Cosmic iteration %d: %d new CR pixels", it + 1, nys.size)
         # Next pass: only pixels near the replaced ones can change.
