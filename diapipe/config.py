@@ -22,8 +22,25 @@ class ConfigError(ValueError):
 
 
 def load_schema(path=None) -> dict:
-    """The full schema, with each stage's block (``$ref: stages/<stage>.schema.yaml``) inlined."""
-    path = Path(path) if path else SCHEMA_PATH
+    """The full schema, with each stage's block (``$ref: stages/<stage>.schema.yaml``) inlined.
+
+    Parsed once per set of file modification times (YAML parsing of a dozen files costs
+    ~50 ms, and validate() is called often); each call returns a fresh deep copy.
+    """
+    path = Path(path).resolve() if path else SCHEMA_PATH
+    files = [path, *sorted((path.parent / "stages").glob("*.yaml"))]
+    stamp = tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists())
+    cached = _SCHEMA_CACHE.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, _parse_schema(path))
+        _SCHEMA_CACHE[path] = cached
+    return copy.deepcopy(cached[1])
+
+
+_SCHEMA_CACHE: dict = {}
+
+
+def _parse_schema(path: Path) -> dict:
     with open(path) as fh:
         schema = yaml.safe_load(fh)
     for name, sub in schema.get("properties", {}).items():

@@ -33,14 +33,15 @@ pytestmark = pytest.mark.workflow
 # (stage rule file in workflow/rules/, config key it reads): one per stage.
 STAGE_KEYS = [
     ("simulate", "simulate.dither_arcsec"),
-    ("calib", "calib.clip_sigma"),
+    ("calib", "calib.clip_sigma"),  # master bias/dark/flat
     ("isr", "isr.saturation_margin"),
     ("characterize", "characterize.detection.threshold"),
     ("warp", "warp.kernel"),
     ("coadd", "coadd.clip_sigma"),
-    ("subtract", "subtract.kernel_order"),
+    ("subtract", "subtract.spatial_order"),  # the kernel's spatial variation order
+    ("fakes", "fakes.n_isolated"),
     ("detect", "detect.threshold"),
-    ("realbogus", "realbogus.n_estimators"),
+    ("realbogus", "realbogus.rf_n_estimators"),
     ("associate", "associate.match_radius_arcsec"),
     ("report", "report.n_cutouts"),
 ]
@@ -218,6 +219,8 @@ def test_sigkill_then_restart_gives_identical_outputs(tiny_run, tmp_path):
         pytest.skip("the run finished before it could be killed")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # A killed Snakemake leaves its lock behind: --unlock (as the error message says), then restart.
+    run(wf, "--unlock", "--configfile", wf / "config" / "tiny.yaml", check=True)
     restart = run(wf, "--cores", "2", "--rerun-incomplete", "--configfile", wf / "config" / "tiny.yaml", timeout=1200)
     assert restart.returncode == 0, restart.stdout[-6000:]
 
