@@ -130,3 +130,21 @@ def test_cli_calib(cam_set, tmp_path):
     f = Exposure.read(out_f)
     assert f.metadata["band"] == "r" and f.metadata["detector"] == 0
     np.testing.assert_allclose(f.image, cam_set["flat"].image, rtol=1e-6)
+
+
+def test_defect_map_finds_faint_partial_columns():
+    """A column segment whose pixels are each within the noise threshold but coherently
+    high (a trap part-way up the column) is flagged from where it starts."""
+    rng = np.random.default_rng(3)
+    dev = rng.normal(0, 1, (400, 100)).astype(np.float32)
+    thresh = 6.0
+    dev[150:, 40] += 0.8 * thresh  # below the per-pixel threshold, far above the column noise
+    dev[:, 70] -= 0.9 * thresh  # a low column over the whole height
+    bad = calib.defect_map(dev, thresh, sign=0)
+    assert bad[160:, 40].all() and bad[10:390, 70].all()
+    assert not bad[:130, 40].any()  # the segment's start is found to within the running window
+    other = np.ones(dev.shape[1], bool)
+    other[[40, 70]] = False
+    assert bad[:, other].mean() < 1e-3
+    hot = calib.defect_map(dev, thresh, sign=+1)
+    assert not hot[10:390, 70].any()  # a low column is not hot
