@@ -237,6 +237,7 @@ class _Pixels:
         w = np.zeros_like(var)
         good = ok > 0
         w[good] = 1.0 / var[good]
+        img[~good] = 0.0  # NO_DATA pixels are NaN in a diffexp; 0 * NaN would poison the sums
         return img, w, edge
 
 

@@ -156,6 +156,17 @@ def test_scorr_is_used_when_present():
         detect.detect(e, {"use_scorr": "always"})
 
 
+def test_nan_no_data_pixels_next_to_a_source():
+    e = make_diffexp((128, 128), FWHM, SIGMA, [(64.0, 64.0, 5000.0)], seed=13)
+    e.image[60:70, 68:] = np.nan  # as subtraction writes NO_DATA
+    e.variance[60:70, 68:] = np.nan
+    e.mask[60:70, 68:] |= masks.bit("NO_DATA")
+    tab, _, _ = measure.detect_and_measure(e)
+    r = tab.iloc[0]
+    assert len(tab) == 1 and np.isfinite([r["psfFlux"], r["x"], r["apFlux"]]).all()
+    assert abs(r["psfFlux"] / 5000 - 1) < 0.1 and r["pixelFlags_edge"]
+
+
 def test_no_valid_pixels_gives_empty_well_formed_table():
     e = make_diffexp((64, 64), FWHM, SIGMA, seed=10)
     e.mask[:] = masks.bit("NO_DATA")
