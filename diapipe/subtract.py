@@ -96,6 +96,7 @@ class SubtractConfig:
     regularization: float = 0.0
     debias_noise: str = "auto"  # auto | on | off: remove the convolved image's noise term from the normal equations (auto: when the science image is the convolved one)
     min_overlap_fraction: float = 0.05
+    zogy_tile_size: int = 512  # ZOGY tile side [px] (PSFs evaluated per tile); 0: one tile
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SubtractConfig":
@@ -424,10 +425,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
 
     extra = []
     if cfg.method == "zogy":
-        from .zogy import zogy
+        from .zogy import zogy_tiled
 
-        z = zogy(sci, tpl, vs, vt, _psf_at_centre(psf_s, shape), _psf_at_centre(psf_t, shape),
-                 flux_ratio, np.sqrt(sky_median(vs, ~bad)), np.sqrt(sky_median(vt, ~bad)))
+        # ZOGY wants one PSF per image: follow a varying PSF tile by tile
+        z = zogy_tiled(sci, tpl, vs, vt, psf_s.image, psf_t.image, flux_ratio, np.sqrt(sky_median(vs, ~bad)),
+                       np.sqrt(sky_median(vt, ~bad)), tile=cfg.zogy_tile_size)
+        header["ZOGYNTIL"] = (len(z["psfs"]), "ZOGY tiles (PSFs evaluated per tile)")
         diff, var = z["D"], z["variance"]
         hz = max(psf_s.size, psf_t.size) // 2
         edge_z = np.zeros(shape, bool)
@@ -438,7 +441,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
             out_mask |= _grow_planes(m_t, hz, ("NO_DATA",)) & masks.MASK_DTYPE(masks.bit("NO_DATA"))
         out_mask = _grow_planes(out_mask, hz, ("NO_DATA",))
         nodata = masks.is_set(out_mask, "NO_DATA")
-        diff_psf = PixelPsf.constant(z["psf"])
+        diff_psf = _tile_psf_model(z["psfs"], shape)
         score = z["score"]
         score[nodata] = np.nan
         extra.append(fits.ImageHDU(score, name="SCORR"))
@@ -470,6 +473,20 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
              data_id, cfg.method, direction, ksum_c, sol.n_stamps, sol.n_rejected, sol.chi2,
              header["DIFFRMS"][0], header["SUBTIME"][0])
     return diffexp
+
+
+def _tile_psf_model(tile_psfs, shape) -> PixelPsf:
+    """PixelPsf (order 1 if there are enough tiles) through the P_D of each ZOGY tile."""
+    ny, nx = shape
+    x0, y0, sx, sy = (nx - 1) / 2.0, (ny - 1) / 2.0, nx / 2.0, ny / 2.0
+    if len(tile_psfs) < 4:
+        centre = tile_psfs[len(tile_psfs) // 2][1]
+        return PixelPsf(centre[None] / centre.sum(), 0, x0, y0, sx, sy)
+    xy = np.array([((b[0] + b[1] - 1) / 2.0, (b[2] + b[3] - 1) / 2.0) for b, _ in tile_psfs])
+    stamps = np.array([p for _, p in tile_psfs])
+    A = poly_design(xy[:, 0], xy[:, 1], 1, x0, y0, sx, sy)
+    coef, *_ = np.linalg.lstsq(A, stamps.reshape(len(stamps), -1), rcond=None)
+    return PixelPsf(coef.reshape(-1, *stamps.shape[1:]), 1, x0, y0, sx, sy)
 
 
 def _measure_or_fail(img, var, mask, which, path, data_id, meta):
