@@ -47,6 +47,30 @@ def timed(fn, *a, **k):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
+def _plot_misses(z, cubes, path):
+    """Science / template / difference of the triplets below threshold, to look at the misses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    miss = np.nonzero(~z["isReliable"].to_numpy())[0]
+    if not len(miss):
+        return
+    fig, ax = plt.subplots(len(miss), 3, figsize=(7, 2.4 * len(miss)), squeeze=False)
+    for r, i in enumerate(miss):
+        for k, key in enumerate(("science", "template", "difference")):
+            im = cubes[key][i]
+            lo, hi = np.nanpercentile(im, [1, 99.7])
+            ax[r, k].imshow(im, origin="lower", vmin=lo, vmax=hi, cmap="gray")
+            ax[r, k].set_xticks([]), ax[r, k].set_yticks([])
+            if r == 0:
+                ax[r, k].set_title(key, fontsize=9)
+        ax[r, 0].set_ylabel(f"{z['objectId'][i]}\nreliability {z['reliability'][i]:.2f}", fontsize=8)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -137,6 +161,7 @@ def main():
         summary["ztf"] = {"n": int(len(z)), "fwhm_px": float(z["fwhm"].iloc[0]),
                           "fraction_above_threshold": float(z["isReliable"].mean()),
                           "misses": z.loc[~z["isReliable"], cols].round(3).to_dict("records")}
+        _plot_misses(z, cubes, out / "ztf_misses.png")
         for f in (1.5, 2.5, 3.0):  # sensitivity to the FWHM assumed for stamps without a PSF
             zz = rb.score_cutouts(model, table, cubes, fwhm=f)
             summary["ztf"][f"fraction_above_threshold_fwhm{f}"] = float(zz["isReliable"].mean())
