@@ -503,7 +503,8 @@ def _metadata(raw: RawFrame, asm: Assembled, darktime: float) -> dict:
     for a in raw.amps:
         meta[f"GAIN{a.name}"] = a.gain
         meta[f"RDNOISE{a.name}"] = a.read_noise
-        meta[f"OSCRES{a.name}"] = round(asm.overscan_residual[a.name], 4)
+        if np.isfinite(asm.overscan_residual[a.name]):  # no overscan, no residual (FITS has no NaN)
+            meta[f"OSCRES{a.name}"] = round(asm.overscan_residual[a.name], 4)
     meta["RAWFILE"] = str(raw.path)[-68:]
     return meta
 
@@ -834,7 +835,7 @@ def isr_file(raw_path, out_path, bias_path=None, dark_path=None, flat_path=None,
     log.info(
         "isr %s -> %s: %d CR, %d SAT pixels; overscan residuals %s ADU",
         raw_path, out_path, exp.metadata["NCRPIX"], exp.metadata["NSATPIX"],
-        {a.name: exp.metadata[f"OSCRES{a.name}"] for a in raw.amps},
+        {a.name: exp.metadata.get(f"OSCRES{a.name}") for a in raw.amps},
     )
     return exp
 
