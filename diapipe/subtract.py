@@ -3,12 +3,13 @@
 Methods
 -------
 ``al``   Alard-Lupton PSF matching (``diapipe.kernel``): a spatially varying
-         kernel and differential background fitted on star stamps, applied to
-         the image with the broader... rather, to the *sharper* image, then
+         kernel and differential background fitted on star stamps and applied
+         to the sharper image (one FFT convolution per spatial term), then
          optionally the decorrelation afterburner of Reiss & Lupton (2016),
          as LSST ip_diffim's DecorrelateALKernelTask.
-``zogy`` Zackay, Ofek & Gal-Yam (2016) (``diapipe.zogy``), using the PSF
-         models and the flux ratio from a stamp fit; also writes S_corr.
+``zogy`` Zackay, Ofek & Gal-Yam (2016) (``diapipe.zogy``), on tiles with the
+         PSF models evaluated per tile and the flux ratio from the AL stamp
+         fit; also writes S_corr (HDU SCORR).
 
 Conventions
 -----------
@@ -29,7 +30,13 @@ Conventions
   layout), KGRID (kernel images on a 3x3 grid), STAMPS (stamps used and
   rejected, with chi2), KSUMMAP (flux-ratio map on a coarse grid), SCORR
   (ZOGY only); header KSUM, FLUXRAT, KCHI2, NSTAMP, NREJ, KORDER, BGORDER,
-  KFALLBK, CONVDIR, CONVREQ, CONVFLIP, DECORR, SUBMETH, ...
+  KFALLBK, CONVDIR, CONVREQ, CONVFLIP, PRECONV, DECORR, SUBMETH, KSIZE,
+  KSIGMAS, PSFSIGS, PSFSIGT, OVERLAP, NGOODPIX, DIFFRMS, SUBTIME, ...
+* When the science PSF is the sharper one (and ``template`` was asked for)
+  the science image is convolved instead (CONVFLIP=T, default), and the
+  normal equations are debiased for its noise (``debias_noise``); or, with
+  ``sharper_science: preconvolve``, it is first convolved with its own PSF
+  and the template matched to that (PRECONV=T, ip_diffim's way).
 
 Fallbacks (documented, written to the header as KFALLBK): with too few
 usable stars the spatial order is lowered step by step ("order<N>"); with
