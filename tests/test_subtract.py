@@ -292,3 +292,14 @@ def test_decam_transient_recovered_and_residuals_no_worse_than_sfft():
     box = np.nan_to_num(d.image)[125:130, 128:133]
     assert box.max() / rsig(ours) > 10
     assert d.metadata["KFALLBK"] == "none"
+
+
+def test_delta_function_basis_option(pair):
+    s, t, truth = pair
+    d = subtract(s, t, {"spatial_order": 0, "basis": "delta", "regularization": 1e-4})
+    assert d.metadata["KBASIS"] == "delta"
+    blank, stars, _ = residual_stats(d, truth, n_bright=20)
+    assert abs(blank - 1) < 0.01 and abs(stars - 1) < 0.03
+    # a free-form kernel on 6 stamps is noisier than the Gaussian basis: 2.5% on the fakes
+    f = np.mean([psf_flux(d, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
+    assert f == pytest.approx(truth["fake_flux"][0], rel=0.025)
