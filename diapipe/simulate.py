@@ -82,9 +82,12 @@ def sim_config(cfg: dict | None) -> dict:
     block = dict(cfg["simulate"]) if cfg and "simulate" in cfg else dict(cfg or {})
     schema = _sim_schema()
     try:
-        return validate(copy.deepcopy(block), schema)
+        sim = validate(copy.deepcopy(block), schema)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("config key '", "config key 'simulate.")) from None
+    if sim["nx"] % sim["n_amps"]:
+        raise ConfigError(f"config key 'simulate.nx': {sim['nx']} is not divisible by simulate.n_amps = {sim['n_amps']}")
+    return sim
 
 
 @functools.lru_cache(maxsize=1)
@@ -1310,15 +1313,14 @@ def _add_pointing(h: fits.Header, wcs: WCS, ra: float, dec: float) -> None:
 
 
 def simulate_raw(cfg, plan: SurveyPlan, visit: int, detector: int) -> tuple[fits.HDUList, Exposure]:
-    """One raw science frame and its truth Exposure.
+    """One raw science frame and its truth Exposure (``cfg`` may be None: the plan holds the config).
 
     Returns (raw HDUList: uint16 with overscan, real-camera headers;
     truth Exposure: noiseless image in e- in the flat-fielded frame, true
     BAD/SAT/CR mask, expected variance, true TAN-SIP WCS, PixelPsf, MAGZERO).
     """
-    sim = plan.sim if cfg is None else sim_config(cfg)
-    if sim != plan.sim:
-        sim = plan.sim  # the plan's camera is the one the truth tables describe
+    # The plan carries the config it was drawn with: its camera is the one the truth tables describe.
+    sim = plan.sim
     visit, detector = int(visit), int(detector)
     if detector < 0 or detector >= sim["n_detectors"]:
         raise DiapipeError(f"no detector {detector} in a camera of {sim['n_detectors']}",

@@ -130,8 +130,10 @@ def test_plan_round_trips_through_the_truth_tables(plan, cfg, tmp_path):
 def test_bad_simulate_config_names_the_key():
     with pytest.raises(ConfigError, match="simulate.nx"):
         sim.sim_config({"simulate": {"nx": "big"}})
-    with pytest.raises(ConfigError, match="simulate"):
+    with pytest.raises(ConfigError, match="simulate.no_such_key"):
         sim.sim_config({"simulate": {"no_such_key": 1}})
+    with pytest.raises(ConfigError, match="simulate.nx"):
+        sim.sim_config({"simulate": {"nx": 513, "n_amps": 2}})
 
 
 # ------------------------------------------------------------------ WCS and PSF
