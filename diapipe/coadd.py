@@ -302,10 +302,10 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     meta["REJFRAC"] = float(np.mean([r.mean() for r in rejected]))
     if psf is not None:
         yc, xc = np.argwhere(good).mean(axis=0) if good.any() else (shape[0] / 2, shape[1] / 2)
-        from .warp import pixel_scale_arcsec
+        from .warp import pixel_scale_arcsec, psf_fwhm
 
-        meta["PSFFWHM"] = float(psf.fwhm(xc, yc))
-        meta["SEEING"] = float(2.355 * _gauss_sigma(psf.image(xc, yc)) * pixel_scale_arcsec(wcs))
+        meta["PSFFWHM"] = psf_fwhm(psf, xc, yc)  # px, as characterize's SEEING
+        meta["SEEING"] = float(meta["PSFFWHM"] * pixel_scale_arcsec(wcs))
     # NIMAGE: how many visits enter each pixel.  The coadd PSF is exact only where it is constant
     # over a star (a star on a coverage edge or an input's bad column mixes PSFs pixel by pixel).
     nimage = np.sum(used_maps, axis=0).astype(np.int16)
@@ -411,7 +411,9 @@ def template_for(calexp: Exposure, coadds: list[Exposure], *, psf_order: int = 2
     # large-aperture variance / summed pixel variance; approximate (the coadd's own correlation times this resampling's)
     meta["NOISECOR"] = float(sum(c * n for c, n in ncors) / sum(n for _, n in ncors))
     if out.psf is not None:
-        meta["PSFFWHM"] = float(out.psf.fwhm(shape[1] / 2, shape[0] / 2))
+        from .warp import psf_fwhm
+
+        meta["PSFFWHM"] = psf_fwhm(out.psf, shape[1] / 2, shape[0] / 2)
     out.metadata = meta
     return out
 

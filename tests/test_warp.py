@@ -203,3 +203,23 @@ def test_warp_file_roundtrip(warped, tmp_path):
     r = Exposure.read(tmp_path / "w.fits")
     assert r.metadata["patch"] == 1 and r.metadata["BUNIT"] == "nJy" and r.psf == w.psf
     assert np.array_equal(r.mask, w.mask)
+
+
+def test_warp_files_bad_calexp_and_empty_patch(tmp_path):
+    """Off the tract: one DiapipeError naming the file, no output.  On the tract but not this patch: empty warp."""
+    from diapipe.warp import warp_files
+
+    sm = small_skymap()
+    stars = star_catalog(np.random.default_rng(0), n=5)
+    far, _ = make_calexp(9, stars, dra=0.5, shape=(64, 64))
+    far.write(tmp_path / "far.fits")
+    out = tmp_path / "warp.fits"
+    with pytest.raises(DiapipeError, match="overlaps no patch") as err:
+        warp_files([tmp_path / "far.fits"], sm, 0, out, visit=9, band="r")
+    assert "far.fits" in str(err.value) and not out.exists()
+    # a small detector in patch 3's corner of the tract (beyond patch 0's overlap): empty warp for patch 0
+    corner, _ = make_calexp(8, stars, dra=-30 / 3600, ddec=30 / 3600, shape=(64, 64))
+    corner.write(tmp_path / "corner.fits")
+    assert sm.patches_overlapping(corner.wcs, corner.shape) == [3]
+    w = warp_files([tmp_path / "corner.fits"], sm, 0, out, visit=8, band="r")
+    assert out.exists() and w.metadata["COVERAGE"] == 0.0 and Exposure.read(out).metadata["visit"] == 8

@@ -91,7 +91,7 @@ def _pixel_psf(shape, fwhm0, size=25):
 
 def make_calexp(visit, stars, *, detector=0, band="r", shape=(400, 400), pixscale=0.2, dra=0.0, ddec=0.0, rot=0.0,
                 fwhm0=4.0, sky=400.0, read_noise=5.0, magzero=28.0, seed=1, artefacts=(), mask_bad=True,
-                mjd=60000.0, noise=True):
+                mjd=60000.0, noise=True, sip=True):
     """One calexp (electrons, background subtracted) and its truth.
 
     ``artefacts``: names from ('cr', 'trail', 'mover', 'transient'); each
@@ -99,7 +99,7 @@ def make_calexp(visit, stars, *, detector=0, band="r", shape=(400, 400), pixscal
     """
     rng = np.random.default_rng(seed)
     ny, nx = shape
-    wcs = make_wcs(RA0 + dra / np.cos(np.deg2rad(DEC0)), DEC0 + ddec, rot, shape, pixscale)
+    wcs = make_wcs(RA0 + dra / np.cos(np.deg2rad(DEC0)), DEC0 + ddec, rot, shape, pixscale, sip=sip)
     model = np.zeros(shape)
     fscale = 10 ** (-0.4 * (magzero - 31.4))  # nJy per e-
     x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0, quiet=True)
