@@ -376,7 +376,12 @@ def assemble(raw: RawFrame, fit="poly", order=3, clip=3.0, sat_margin=3.0) -> As
 
 # ---------------------------------------------------------------- ISR
 def _check_master(master: Exposure | None, what: str, raw: RawFrame, shape) -> None:
-    if master is not None and master.shape != tuple(shape):
+    if master is None:
+        return
+    md, rd = master.metadata.get("detector"), raw.data_id.get("detector")
+    if md is not None and rd is not None and str(md) != str(rd):
+        raise raw.error(f"master {what} is for detector {md}, the raw is detector {rd}")
+    if master.shape != tuple(shape):
         raise raw.error(
             f"raw assembles to shape {tuple(shape)} (ny, nx) but the master {what} has shape "
             f"{master.shape}: wrong detector or wrong raw shape"

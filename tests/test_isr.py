@@ -308,6 +308,13 @@ def test_raw_smaller_than_masters(fake, tmp_path):
     _assert_clear(exc, tmp / "raw.fits", "shape")
 
 
+def test_master_of_another_detector(fake):
+    bias = fake["bias"].copy()
+    bias.metadata["detector"] = 3
+    with pytest.raises(DiapipeError, match="master bias is for detector 3"):
+        isr.run_isr(isr.read_raw(fake["raw"]), bias)
+
+
 def test_header_disagrees_with_data_id(fake):
     with pytest.raises(DiapipeError, match="disagrees"):
         isr.read_raw(fake["raw"], {"visit": 8, "detector": 0})
