@@ -97,9 +97,16 @@ SFFT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_sfft(python, s, t, truth, half, workdir):
-    """SFFT (Numpy backend, 1 thread) on the same pair; returns (diff, wall, cpu) or None."""
+def run_sfft(python, s, t, truth, half, workdir, reuse=False):
+    """SFFT (Numpy backend, 1 thread) on the same pair; returns (diff, wall, cpu) or None.
+
+    The run's output and times stay in ``workdir``; ``reuse`` reads them back instead of rerunning.
+    """
     wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    if reuse and (wd / "sfft_diff.fits").exists() and (wd / "times.txt").exists():
+        wall, cpu = map(float, (wd / "times.txt").read_text().split())
+        return fits.getdata(wd / "sfft_diff.fits"), wall, cpu
     fits.PrimaryHDU(s.image.astype(np.float64)).writeto(wd / "sci.fits", overwrite=True)
     fits.PrimaryHDU(t.image.astype(np.float64)).writeto(wd / "ref.fits", overwrite=True)
     # SFFT fits the kernel on "masked" images: keep everything but the fakes (the transients)
@@ -118,10 +125,11 @@ def run_sfft(python, s, t, truth, half, workdir):
         print(f"SFFT failed: {r.stderr[-500:]}")
         return None
     _, wall, cpu = line[0].split()
+    (wd / "times.txt").write_text(f"{wall} {cpu}")
     return fits.getdata(wd / "sfft_diff.fits"), float(wall), float(cpu)
 
 
-def speed(sizes=(1024, 4096), sfft_python=None, sfft_sizes=(1024,)):
+def speed(sizes=(1024, 4096), sfft_python=None, sfft_sizes=(1024,), sfft_reuse=False):
     print("\n## Speed, one core (seeing ratio 1.5, Moffat, PSF varying 20%, kernel spatial order 2)\n")
     print("| image | method | wall [s] | CPU [s] | blank std(D/sigma) | stars std | fake bias | KSIZE | NSTAMP |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -136,26 +144,31 @@ def speed(sizes=(1024, 4096), sfft_python=None, sfft_sizes=(1024,)):
                   f"| {fl.mean() / truth['fake_flux'][0] - 1:+.4f} | {d.metadata['KSIZE']} | {d.metadata['NSTAMP']} |",
                   flush=True)
         if sfft_python and n in sfft_sizes:
-            half = d.metadata["KSIZE"] // 2
-            with tempfile.TemporaryDirectory() as wd:
-                res = run_sfft(sfft_python, s, t, truth, half, wd)
+            # SFFT neither decorrelates nor writes a variance: compare it with our difference
+            # *without* decorrelation, both normalised by that run's variance plane
+            # (var_sci + K^2 (*) var_tmpl, the per-pixel variance of such a difference)
+            nd, wall, cpu = timed(subtract, s, t, {"decorrelate": False})
+            half = nd.metadata["KSIZE"] // 2
+            rows = [("ours AL, not decorrelated", nd, wall, cpu)]
+            res = run_sfft(sfft_python, s, t, truth, half, Path(tempfile.gettempdir()) / f"diapipe_bench_sfft_{n}",
+                           reuse=sfft_reuse)
             if res is not None:
-                img, wall, cpu = res
-                # SFFT's difference is SCI - REF (*) K, in science units, no variance: use ours (same pair)
-                de = Exposure(MaskedImage(img.astype(np.float32), d.mask, d.variance), psf=s.psf)
-                em = masks.is_set(de.mask, "EDGE")
+                img, swall, scpu = res
+                em = masks.is_set(nd.mask, "EDGE")
                 em[: 2 * half] = em[-2 * half :] = True
                 em[:, : 2 * half] = em[:, -2 * half :] = True
-                masks.set_plane(de.mask, em, "EDGE")
+                mk = nd.mask.copy()
+                masks.set_plane(mk, em, "EDGE")
+                de = Exposure(MaskedImage(img.astype(np.float32), mk, nd.variance), psf=s.psf)
+                rows.append(("SFFT (Numpy backend, 1 thread, incl. its numba JIT)", de, swall, scpu))
+            for label, de, wall, cpu in rows:
                 blank, stars, _ = residual_stats(de, truth)
                 fl = np.array([psf_flux(de, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
-                print(f"| {n}x{n} | SFFT (Numpy backend, 1 thread, incl. its numba JIT) | {wall:.1f} | {cpu:.1f} "
-                      f"| {blank:.4f}* | {stars:.4f}* | {fl.mean() / truth['fake_flux'][0] - 1:+.4f} | {2 * half + 1} | - |",
-                      flush=True)
+                print(f"| {n}x{n} | {label} | {wall:.2f} | {cpu:.2f} | {blank:.4f} | {stars:.4f} "
+                      f"| {fl.mean() / truth['fake_flux'][0] - 1:+.4f} | {2 * half + 1} | - |", flush=True)
     if sfft_python:
-        print("\n(*) SFFT writes no variance and does not decorrelate: its D is normalised with our AL "
-              "variance *before* decorrelation would be the fair comparison; here it is our decorrelated "
-              "variance, so read these two columns with care.")
+        print("\nSFFT rows: its difference normalised by the variance plane of our non-decorrelated AL "
+              "difference of the same pair (SFFT writes none); fake fluxes with the science PSF.")
 
 
 # ---------------------------------------------------------------- DECam
@@ -218,6 +231,7 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--sfft", metavar="PYTHON", help="interpreter with sfft installed (e.g. /tmp/sfftvenv/bin/python)")
     p.add_argument("--sfft-sizes", type=int, nargs="+", default=[1024])
+    p.add_argument("--sfft-reuse", action="store_true", help="reuse a previous SFFT run's output and times")
     a = p.parse_args(argv)
     everything = not (a.table or a.speed or a.decam)
     if a.decam or everything:
@@ -225,7 +239,7 @@ def main(argv=None):
     if a.table or everything:
         table()
     if a.speed or everything:
-        speed(a.sizes, a.sfft, a.sfft_sizes)
+        speed(a.sizes, a.sfft, a.sfft_sizes, a.sfft_reuse)
 
 
 if __name__ == "__main__":

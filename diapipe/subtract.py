@@ -522,6 +522,16 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
     if sat_s and sat_t:
         saturation = (float(sat_s), float(sat_t)) if direction == "template" else (float(sat_t), float(sat_s))
     xs, ys, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, cfg, saturation)
+    if len(xs) < 2 * cfg.min_stamps and cfg.stamp_min_snr > 10.0:
+        # small or sparse field: accept fainter stars before giving up spatial order
+        from copy import copy
+
+        low = copy(cfg)
+        low.stamp_min_snr = 10.0
+        xs2, ys2, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, low, saturation)
+        if len(xs2) > len(xs):
+            log.info("%d stamp candidates at S/N >= %g; %d at S/N >= 10", len(xs), cfg.stamp_min_snr, len(xs2))
+            xs, ys = xs2, ys2
     weight = np.zeros(shape, np.float32)
     okv = (vsrc + vtgt) > 0
     weight[okv] = 1.0 / (vsrc[okv] + vtgt[okv])
@@ -741,6 +751,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--background-order", type=int, default=1, help="differential background order")
     p.add_argument("--basis", choices=["alard-lupton", "delta"], default="alard-lupton")
     p.add_argument("--no-decorrelate", action="store_true", help="skip the Reiss & Lupton afterburner")
+    p.add_argument("--stamp-snr", type=float, default=20.0, help="minimum peak S/N of kernel stars")
+    p.add_argument("--clip-sigma", type=float, default=10.0,
+                   help="stamp rejection threshold [robust sigma]; ~4 for small fields with few stars")
     p.add_argument("--gain", type=float, help="e-/ADU of both plain-FITS inputs (default: GAIN card)")
     p.add_argument("--template-gain", type=float, help="e-/ADU of the template if different")
     p.add_argument("--read-noise", type=float, help="read noise [e-] (floor on the sky noise of plain FITS)")
@@ -755,7 +768,8 @@ def _cli(args) -> int:
     tpl = read_image(args.template, args.template_gain or args.gain, args.read_noise)
     cfg = SubtractConfig(method=args.method, convolve=args.convolve, spatial_order=args.spatial_order,
                          background_order=args.background_order, basis=args.basis,
-                         decorrelate=not args.no_decorrelate)
+                         decorrelate=not args.no_decorrelate, stamp_min_snr=args.stamp_snr,
+                         clip_sigma=args.clip_sigma)
     diff = subtract(sci, tpl, cfg, data_id={"science": str(args.science)}, science_path=args.science,
                     template_path=args.template)
     diff.write(args.output)
