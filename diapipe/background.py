@@ -92,12 +92,17 @@ def source_mask(shape, x, y, npix, fwhm: float, grow: float = 2.0) -> np.ndarray
     out = np.zeros(shape, bool)
     r_iso = np.sqrt(np.asarray(npix, float) / np.pi)
     radius = np.maximum(grow * r_iso, r_iso + 2 * fwhm)
+    discs: dict[int, np.ndarray] = {}  # one disc template per integer radius
     for xc, yc, r in zip(np.asarray(x, float), np.asarray(y, float), radius):
         ri = int(np.ceil(r))
-        x0, x1 = max(int(xc) - ri, 0), min(int(xc) + ri + 2, nx)
-        y0, y1 = max(int(yc) - ri, 0), min(int(yc) + ri + 2, ny)
+        disc = discs.get(ri)
+        if disc is None:
+            o = np.arange(-ri, ri + 1)
+            disc = discs[ri] = o[None, :] ** 2 + o[:, None] ** 2 <= ri * ri
+        ix, iy = int(round(xc)), int(round(yc))
+        x0, x1 = max(ix - ri, 0), min(ix + ri + 1, nx)
+        y0, y1 = max(iy - ri, 0), min(iy + ri + 1, ny)
         if x0 >= x1 or y0 >= y1:
             continue
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-        out[y0:y1, x0:x1] |= (xx - xc) ** 2 + (yy - yc) ** 2 <= r * r
+        out[y0:y1, x0:x1] |= disc[y0 - (iy - ri) : y1 - (iy - ri), x0 - (ix - ri) : x1 - (ix - ri)]
     return out

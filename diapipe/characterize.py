@@ -303,6 +303,7 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
     # local sky of an annulus far beyond the wings instead of the global one.
     r_ap = ph["apcorr_radius_fwhm"] * fwhm_px
     pu = np.nonzero(psf_used)[0]
+    pu = pu[np.argsort(-snr0[pu])][:100]  # the 100 best measured are plenty
     _, apferr_pu, _ = photometry.aperture_flux(sub_c, var, bad8, x[pu], y[pu], r_ap)
     # neighbours inside the large aperture replaced by the PSF model of the star
     tapf = photometry.clean_aperture_flux(sub, seg, bad, psf, x[pu], y[pu], pu + 1, pflux[pu], r_ap)
