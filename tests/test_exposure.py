@@ -296,3 +296,22 @@ def test_psf_round_trip_values(exposure, tmp_path):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-7)
     # the PSF does vary: FWHM grows towards +x
     assert psf.fwhm(NX - 1, NY / 2) > psf.fwhm(0, NY / 2) + 0.05
+
+
+def test_killed_writer_temporaries_removed_by_next_write(exposure, tmp_path):
+    """SIGKILL cannot be caught: the next write of the same product removes the dead writer's temporary."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".calexp.fits.{dead_pid}.abc123.tmp.fits"
+    stale.write_bytes(b"partial")
+    live = tmp_path / f".calexp.fits.{os.getpid()}.xyz.tmp.fits"  # a live writer's file is left alone
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".other.fits.{dead_pid}.q.tmp.fits"  # another product's temporary too
+    other.write_bytes(b"x")
+    exposure.write(tmp_path / "calexp.fits")
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    assert Exposure.read(tmp_path / "calexp.fits").shape == exposure.shape
