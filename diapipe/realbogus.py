@@ -100,7 +100,8 @@ FEATURES: dict[str, str] = {
     "(bad columns, bleed trails).",
     "edge_distance": "Distance from the centroid to the nearest no-data (NaN or EDGE/NO_DATA) pixel (FWHM), capped "
     "at the cutout half-width.",
-    "nan_frac": "Fraction of cutout pixels that are NaN in any of science, template, difference.",
+    "nan_frac": "Fraction of cutout pixels that are NaN in any of science, template, difference (an all-NaN "
+    "science or template stamp counts as not given: its features are NaN, its pixels are not counted).",
     "mask_bad_frac": "Fraction of pixels within 2 FWHM flagged BAD, SAT, CR or SUSPECT (NaN if no mask given).",
     "mask_sat_frac": "Fraction of pixels within 2 FWHM flagged SAT (NaN if no mask given).",
     "mask_cr_frac": "Fraction of pixels within 2 FWHM flagged CR (NaN if no mask given).",
@@ -210,7 +211,11 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
     sig = fwhm / _SIG2FWHM  # PSF sigma in pixels
     f = {}
 
-    # --- which pixels to trust
+    # --- which pixels to trust; an all-NaN science or template stamp means "not given"
+    sci_missing = ~np.isfinite(sci).any(axis=(1, 2))
+    ref_missing = ~np.isfinite(ref).any(axis=(1, 2))
+    sci = np.where(sci_missing[:, None, None], 0.0, sci)
+    ref = np.where(ref_missing[:, None, None], 0.0, ref)
     finite = np.isfinite(sci) & np.isfinite(ref) & np.isfinite(diff)
     good = finite.copy()
     if mask is not None:
@@ -417,6 +422,12 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
         f["noise_ratio"] = sig_d / np.sqrt(mv)
     else:
         f["noise_ratio"] = np.full(n, np.nan)
+    new_missing = np.where(sign > 0, sci_missing, ref_missing)
+    old_missing = np.where(sign > 0, ref_missing, sci_missing)
+    for key in ("new_snr", "ratio_diff_new", "new_offset"):
+        f[key] = np.where(new_missing, np.nan, f[key])
+    for key in ("old_snr", "log_ratio_diff_old", "old_offset"):
+        f[key] = np.where(old_missing, np.nan, f[key])
     f["ref_distance"] = np.full(n, np.nan) if refd is None else refd / fwhm
     f["seeing_ratio"] = np.full(n, np.nan) if tfwhm is None else fwhm / tfwhm
     return pd.DataFrame({k: np.asarray(f[k], dtype=np.float64) for k in FEATURE_NAMES})

@@ -29,8 +29,8 @@ FAST = dict(models=("hgb",), n_folds=3, hgb_max_iter=100, n_jobs=1, seed=3)
 
 @pytest.fixture(scope="module")
 def synth():
-    """12 visits x 130 synthetic detections with features."""
-    cut, tab = make_synthetic(12, 130, seed=11, size=31)
+    """10 visits x 110 synthetic detections with features."""
+    cut, tab = make_synthetic(10, 110, seed=11, size=31)
     return cut, tab, synthetic_features(cut, tab)
 
 
@@ -136,7 +136,7 @@ def test_threshold_for_fpr():
 def test_training_on_synthetic_heldout_visits(trained):
     model, m = trained
     h = m["heldout"]
-    # small training set (9 visits): looser than the acceptance run of the benchmark
+    # small training set (8 visits): looser than the acceptance run of the benchmark
     assert h["auc"] >= 0.995, h["auc"]
     assert h["mdr_at_fpr1"] <= 0.03 and h["fpr_at_mdr1"] <= 0.05, (h["mdr_at_fpr1"], h["fpr_at_mdr1"])
     c = h["confusion"]
@@ -193,15 +193,21 @@ def test_save_load_and_refuse_other_feature_version(trained, synth, tmp_path):
 
 
 def test_label_noise_degrades_less_than_factor_2(synth, trained):
+    """5% of training labels flipped: held-out metrics (clean labels) less than doubled.
+
+    With the random forest, the classifier the acceptance run picks (benchmarks/bench_realbogus.py);
+    on a training set this small the boosted trees are hurt more (factor ~5, see the report).
+    """
     _, tab, feats = synth
-    model, m = trained
+    _, m = trained
     te = tab["visit"].isin(m["heldout_visits"]).to_numpy()
     y = tab["label"].to_numpy()
-    res = rb.label_noise_experiment(feats[~te], y[~te], tab["visit"][~te], feats[te], y[te], "hgb",
-                                    rb.TrainConfig(**FAST), 0.05,
-                                    clean=rb.roc_metrics(y[te], model.reliability(feats[te])))
+    cfg = rb.TrainConfig(**{**FAST, "models": ("rf",), "rf_n_estimators": 100})
+    res = rb.label_noise_experiment(feats[~te], y[~te], tab["visit"][~te], feats[te], y[te], "rf", cfg, 0.05)
     assert 0.03 < res["fraction_flipped"] < 0.07
     assert res["max_factor"] < 2.0, res
+    # the threshold chosen on noisy out-of-fold labels is far too strict: a clean validation set is needed
+    assert res["noisy_confusion"]["mdr"] > 0.1
 
 
 def test_evaluate_and_plots(trained, tmp_path):
@@ -228,6 +234,7 @@ def test_features_from_pipeline_products(tmp_path):
     srcs = [(60.5, 70.2, flux), (150.3, 120.7, flux), (100.0, 180.0, -flux)]
     diff = make_diffexp((240, 240), fwhm, sigma, srcs, seed=5)
     table, cutouts, _ = measure.detect_and_measure(diff, config={"cutout_size": 31})
+    assert np.isnan(cutouts["science"]).all()  # no science/template given: their features must be NaN
     dp, cp, ep, fp = (tmp_path / n for n in ("d.parquet", "c.fits", "diff.fits", "f.parquet"))
     table.to_parquet(dp)
     measure.write_cutouts(table, cutouts, cp)
@@ -238,6 +245,7 @@ def test_features_from_pipeline_products(tmp_path):
     bright = f[f["snr"].abs() > 15]
     assert len(bright) == 3
     assert (bright["fwhm_ratio"].between(0.8, 1.2)).all() and (bright["is_negative"].sum() == 1)
+    assert bright["new_snr"].isna().all() and bright["old_offset"].isna().all()
     assert np.isfinite(back["noise_ratio"]).all() and back["noise_ratio"].between(0.8, 1.25).all()
 
 
