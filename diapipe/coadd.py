@@ -107,7 +107,7 @@ def _gauss_sigma(stamp) -> float:
 
 
 def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float = 2.5, ampfrac: float = 0.5,
-                   matched_ampfrac: float = 0.1, grow: int | None = None) -> list[np.ndarray]:
+                   matched_ampfrac: float = 0.2, grow: int | None = None) -> list[np.ndarray]:
     """Boolean maps, one per warp, of pixels to drop as single-visit artefacts.
 
     Where >= 3 warps cover a pixel each is compared with their median; where
@@ -160,7 +160,10 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
             low = ((zz > nsigma_low) | sharp) & ~pos_only & (nval >= 2) & valid[i]
             if not high.any():
                 continue
-            # hysteresis: keep low-threshold regions that contain a high-threshold pixel
+            # hysteresis: keep low-threshold regions that contain a high-threshold pixel, but only
+            # within 2 FWHM of the seeds (in a crowded field low-level regions percolate everywhere)
+            near = ndimage.binary_dilation(high, structure=np.ones((3, 3), bool), iterations=int(np.ceil(2 * 2.355 * smax)))
+            low &= near
             lab, nlab = ndimage.label(low)
             keep = np.zeros(nlab + 1, bool)
             keep[np.unique(lab[high])] = True
@@ -222,7 +225,8 @@ def visit_weights(warps: list[Exposure], weighting: str = "variance") -> np.ndar
 
 
 def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject: bool = True, nsigma: float = 5.0,
-                   nsigma_low: float = 2.5, ampfrac: float = 0.5, grow: int | None = None, psf_order: int = 1,
+                   nsigma_low: float = 2.5, ampfrac: float = 0.5, matched_ampfrac: float = 0.2,
+                   grow: int | None = None, psf_order: int = 1,
                    psf_grid: int = 5, mask_threshold: float = 0.5, data_id: dict | None = None,
                    rejected: list | None = None) -> Exposure:
     """Weighted-mean coadd of warps on one patch, with artefact rejection and its PSF.
@@ -244,7 +248,8 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
             raise DiapipeError("warp is not on the coadd zero point", None, {**(data_id or {}), "visit": w.metadata.get("visit")})
     wts = visit_weights(warps, weighting)
     if rejected is None:  # (tests pass their own maps to measure what leaks through)
-        rejected = find_artefacts(warps, nsigma=nsigma, nsigma_low=nsigma_low, ampfrac=ampfrac, grow=grow) \
+        rejected = find_artefacts(warps, nsigma=nsigma, nsigma_low=nsigma_low, ampfrac=ampfrac,
+                                  matched_ampfrac=matched_ampfrac, grow=grow) \
             if reject else [np.zeros(shape, bool) for _ in warps]
     num = np.zeros(shape)
     den = np.zeros(shape)

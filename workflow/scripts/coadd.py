@@ -27,6 +27,7 @@ try:
         nsigma=c["nsigma"],
         nsigma_low=c["nsigma_low"],
         ampfrac=c["ampfrac"],
+        matched_ampfrac=c["matched_ampfrac"],
         grow=c["grow"],
         psf_order=c["psf_order"],
         psf_grid=c["psf_grid"],
