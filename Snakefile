@@ -21,6 +21,7 @@ include: "workflow/rules/subtract.smk"
 include: "workflow/rules/detect.smk"
 include: "workflow/rules/fakes.smk"
 include: "workflow/rules/realbogus.smk"
+include: "workflow/rules/associate.smk"
 
 
 rule all:

@@ -28,6 +28,7 @@ STAGE_MODULES = [
     "diapipe.fakes",
     "diapipe.completeness",
     "diapipe.realbogus",
+    "diapipe.associate",
     "diapipe.docs",
     "diapipe.summary",
 ]

@@ -4,17 +4,6 @@
 CHARACTERIZE = config["characterize"]
 
 
-def characterize_targets():
-    out = []
-    for v in visits():
-        for d in detectors():
-            out += [
-                path("calexp", visit=v, detector=d),
-                path("src", visit=v, detector=d),
-            ]
-    return out
-
-
 rule characterize:
     """Background, PSF model, astrometric and photometric calibration of one exposure."""
     input:

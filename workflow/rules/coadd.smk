@@ -11,42 +11,6 @@
 COADD = config["coadd"]
 
 
-def coadd_pool(band, patch):
-    pool = COADD["visits"] or OVERLAPS.template_pool
-    on_patch = OVERLAPS.visits_on_patch(band, int(patch))
-    return [v for v in on_patch if v in set(pool)]
-
-
-def coadd_warps(wildcards):
-    return [
-        path("warp", band=wildcards.band, patch=wildcards.patch, visit=v)
-        for v in coadd_pool(wildcards.band, wildcards.patch)
-    ]
-
-
-def template_coadds(wildcards):
-    """{patch: coadd path} for the patches planned under this exposure."""
-    v, d = int(wildcards.visit), int(wildcards.detector)
-    b = OVERLAPS.visit_band[v]
-    return {p: path("template", band=b, patch=p) for p in OVERLAPS.patches_of(v, d)}
-
-
-def coadd_targets():
-    out = [path("skymap")]
-    for b in bands():
-        out += [path("template", band=b, patch=p) for p in OVERLAPS.patches_in_band(b)]
-    return out
-
-
-def template_exp_targets():
-    return [
-        path("template_exp", visit=v, detector=d)
-        for v in visits()
-        for d in detectors()
-        if OVERLAPS.patches_of(v, d)
-    ]
-
-
 rule coadd:
     """Template of one band on one patch from the selected visits' warps."""
     input:

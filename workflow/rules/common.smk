@@ -1,5 +1,7 @@
-# Helpers shared by the rule files: config validation, the dataset table
-# (Butler) and the lists of dataIds.  Python lives here and in the library only.
+# Helpers shared by the rule files (config validation, the dataset table
+# (Butler), the lists of dataIds and every stage's input functions and
+# targets; Snakemake's linter wants functions apart from rules).  Python
+# lives here and in the library only.
 import os
 import sys
 from pathlib import Path
@@ -10,8 +12,10 @@ sys.path.insert(0, str(REPO))
 # (update(), not os.environ[...] =: the linter would ask for an envvars: assertion.)
 os.environ.update(
     PYTHONPATH=os.pathsep.join(
-        [str(REPO)]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        [
+            str(REPO),
+            *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p),
+        ]
     )
 )
 
@@ -38,7 +42,7 @@ wildcard_constraints:
 def path(dataset_type, **data_id):
     """Path (or Snakemake pattern, when given wildcards as '{name}') of a dataset."""
     if not data_id:
-        data_id = {k: "{" + k + "}" for k in BUTLER.keys(dataset_type)}
+        data_id = {k: f"{{{k}}}" for k in BUTLER.keys(dataset_type)}
     return str(BUTLER.get(dataset_type, **data_id))
 
 
@@ -75,10 +79,10 @@ def bands():
 
 def raw_calib_inputs(kind, detector, band=None):
     """Paths of the raw calibration frames of a kind ('bias', 'dark', 'flat')."""
-    seqs = range(config["simulate"]["n_" + kind])
+    seqs = range(config["simulate"][f"n_{kind}"])
     if kind == "flat":
         return [path("raw_flat", band=band, detector=detector, seq=s) for s in seqs]
-    return [path("raw_" + kind, detector=detector, seq=s) for s in seqs]
+    return [path(f"raw_{kind}", detector=detector, seq=s) for s in seqs]
 
 
 def simulate_targets():
@@ -97,6 +101,34 @@ def simulate_targets():
     return out
 
 
+def science_calexp():
+    """The science image subtraction and detection use: with fakes when fakes.enabled."""
+    return path("calexp_fakes") if config["fakes"]["enabled"] else path("calexp")
+
+
+def template_pool():
+    """Visits that may go into a template (coadd.visits, or the simulated template visits)."""
+    return set(config["coadd"]["visits"] or OVERLAPS.template_pool)
+
+
+def detect_data_ids():
+    """(visit, detector) of every difference exposure: science visits with a template.
+
+    LSST subtracts every visit, but a template visit differenced against a
+    coadd that contains it has correlated noise and a suppressed signal, which
+    would bias completeness, real/bogus training and light curves; so only
+    visits outside the template pool are subtracted.  When every visit is in
+    the pool (user exposures without a plan) all visits are subtracted.
+    (OVERLAPS comes from warp.smk; this is only called after it is included.)
+    """
+    pool = template_pool()
+    with_template = [
+        (v, d) for v in visits() for d in detectors() if OVERLAPS.patches_of(v, d)
+    ]
+    science = [(v, d) for v, d in with_template if v not in pool]
+    return science or with_template
+
+
 def all_targets():
     targets = []
     targets += simulate_targets()
@@ -104,4 +136,150 @@ def all_targets():
     targets += characterize_targets()
     targets += coadd_targets()
     targets += template_exp_targets()
+    targets += subtract_targets()
+    targets += detect_targets()
+    targets += completeness_targets()
+    targets += realbogus_targets()
+    targets += associate_targets()
     return targets
+
+
+# ---- isr (rules in isr.smk)
+
+
+def isr_targets():
+    return [path("postisr", visit=v, detector=d) for v in visits() for d in detectors()]
+
+
+# ---- characterize (rules in characterize.smk)
+
+
+def characterize_targets():
+    out = []
+    for v in visits():
+        for d in detectors():
+            out += [
+                path("calexp", visit=v, detector=d),
+                path("src", visit=v, detector=d),
+            ]
+    return out
+
+
+# ---- warp (rules in warp.smk)
+
+
+def warp_calexps(wildcards):
+    """Calexps of the visit's detectors planned to reach the patch."""
+    v, p = int(wildcards.visit), int(wildcards.patch)
+    return [
+        path("calexp", visit=v, detector=d) for d in OVERLAPS.detectors_on_patch(v, p)
+    ]
+
+
+def warp_targets():
+    out = []
+    for b in bands():
+        for p in OVERLAPS.patches_in_band(b):
+            out += [
+                path("warp", band=b, patch=p, visit=v)
+                for v in OVERLAPS.visits_on_patch(b, p)
+            ]
+    return out
+
+
+# ---- coadd (rules in coadd.smk)
+
+
+def coadd_pool(band, patch):
+    pool = COADD["visits"] or OVERLAPS.template_pool
+    on_patch = OVERLAPS.visits_on_patch(band, int(patch))
+    return [v for v in on_patch if v in set(pool)]
+
+
+def coadd_warps(wildcards):
+    return [
+        path("warp", band=wildcards.band, patch=wildcards.patch, visit=v)
+        for v in coadd_pool(wildcards.band, wildcards.patch)
+    ]
+
+
+def template_coadds(wildcards):
+    """{patch: coadd path} for the patches planned under this exposure."""
+    v, d = int(wildcards.visit), int(wildcards.detector)
+    b = OVERLAPS.visit_band[v]
+    return {p: path("template", band=b, patch=p) for p in OVERLAPS.patches_of(v, d)}
+
+
+def coadd_targets():
+    out = [path("skymap")]
+    for b in bands():
+        out += [path("template", band=b, patch=p) for p in OVERLAPS.patches_in_band(b)]
+    return out
+
+
+def template_exp_targets():
+    return [
+        path("template_exp", visit=v, detector=d)
+        for v in visits()
+        for d in detectors()
+        if OVERLAPS.patches_of(v, d)
+    ]
+
+
+# ---- subtract (rules in subtract.smk)
+
+
+def subtract_targets():
+    """Science visits only (detect_data_ids() in common.smk says why)."""
+    return [path("diffexp", visit=v, detector=d) for v, d in detect_data_ids()]
+
+
+# ---- detect (rules in detect.smk)
+
+
+def detect_targets():
+    return [path("diaSources")]
+
+
+# ---- fakes (rules in fakes.smk)
+
+
+def fakes_truth_inputs(wildcards=None):
+    """Truth tables (galaxy hosts, isolation, truth matching) exist only for the simulated survey."""
+    if config["inputs"]["source"] != "simulate":
+        return {}
+    return {
+        "truth_fluxes": path("truth_fluxes"),
+        "truth_sources": path("truth_sources"),
+    }
+
+
+def completeness_targets():
+    return [path("completeness"), path("completeness_plot")]
+
+
+# ---- realbogus (rules in realbogus.smk)
+
+
+def realbogus_model_file():
+    """The model that scores: realbogus.model_path if set, else the one trained on this run."""
+    return REALBOGUS["model_path"] or path("realbogus_model")
+
+
+def realbogus_targets():
+    targets = [path("diaSources_scored"), path("realbogus_evaluation")]
+    if not REALBOGUS["model_path"]:
+        targets += [path("realbogus_model"), path("realbogus_metrics")]
+    return targets
+
+
+# ---- associate (rules in associate.smk)
+
+
+def associate_targets():
+    return [
+        path("diaObjects"),
+        path("diaSources_associated"),
+        path("association_metrics"),
+        path("lightcurves"),
+    ]

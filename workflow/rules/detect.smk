@@ -2,22 +2,8 @@
 # job per difference exposure -> diaSrc table, cutouts and the detection mask;
 # one merge job -> the run's diaSources table.  The science image is the calexp
 # the subtraction used (science_calexp(), with fakes when fakes.enabled).
-# The integrator adds detect_targets() to all_targets().
+# science_calexp() and detect_data_ids() live in common.smk.
 DETECT = config["detect"]
-
-
-def science_calexp():
-    """The science image subtraction and detection use: with fakes when fakes.enabled."""
-    return path("calexp_fakes") if config["fakes"]["enabled"] else path("calexp")
-
-
-def detect_data_ids():
-    """(visit, detector) of every difference exposure (as subtract_targets)."""
-    return [(v, d) for v in visits() for d in detectors()]
-
-
-def detect_targets():
-    return [path("diaSources")]
 
 
 rule detect_measure:

@@ -1,24 +1,9 @@
 # Fakes (diapipe.fakes): point sources of known flux injected into each science
 # calexp before subtraction, isolated and on galaxies; and the completeness
 # analysis (diapipe.completeness) matching them, and the simulation truth, to
-# the diaSources.  The integrator points subtraction at science_calexp() (in
-# detect.smk, included before this file) and adds completeness_targets() to
-# all_targets().
+# the diaSources.  Subtraction uses science_calexp() (common.smk): the calexp
+# with fakes.  Input functions and targets live in common.smk.
 FAKES = config["fakes"]
-
-
-def fakes_truth_inputs(wildcards=None):
-    """Truth tables (galaxy hosts, isolation, truth matching) exist only for the simulated survey."""
-    if config["inputs"]["source"] != "simulate":
-        return {}
-    return {
-        "truth_fluxes": path("truth_fluxes"),
-        "truth_sources": path("truth_sources"),
-    }
-
-
-def completeness_targets():
-    return [path("completeness"), path("completeness_plot")]
 
 
 rule inject_fakes:

@@ -5,10 +5,6 @@
 ISR = config["isr"]
 
 
-def isr_targets():
-    return [path("postisr", visit=v, detector=d) for v in visits() for d in detectors()]
-
-
 rule isr:
     """ISR of one raw frame (one visit, one detector)."""
     input:

@@ -8,18 +8,6 @@ from diapipe.realbogus import FEATURE_VERSION
 REALBOGUS = config["realbogus"]
 
 
-def realbogus_model_file():
-    """The model that scores: realbogus.model_path if set, else the one trained on this run."""
-    return REALBOGUS["model_path"] or path("realbogus_model")
-
-
-def realbogus_targets():
-    targets = [path("diaSources_scored"), path("realbogus_evaluation")]
-    if not REALBOGUS["model_path"]:
-        targets += [path("realbogus_model"), path("realbogus_metrics")]
-    return targets
-
-
 rule realbogus_features:
     """Scale-free features of one difference exposure's diaSources from their cutouts."""
     input:

@@ -7,14 +7,10 @@
 SUBTRACT = config["subtract"]
 
 
-def subtract_targets():
-    return [path("diffexp", visit=v, detector=d) for v in visits() for d in detectors()]
-
-
 rule subtract:
     """Difference image of one calexp (one visit, one detector) against its template."""
     input:
-        calexp=path("calexp"),
+        calexp=science_calexp(),
         template=path("template_exp"),
     output:
         diffexp=path("diffexp"),

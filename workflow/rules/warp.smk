@@ -20,25 +20,6 @@ WARP = config["warp"]
 OVERLAPS = plan_overlaps(config)
 
 
-def warp_calexps(wildcards):
-    """Calexps of the visit's detectors planned to reach the patch."""
-    v, p = int(wildcards.visit), int(wildcards.patch)
-    return [
-        path("calexp", visit=v, detector=d) for d in OVERLAPS.detectors_on_patch(v, p)
-    ]
-
-
-def warp_targets():
-    out = []
-    for b in bands():
-        for p in OVERLAPS.patches_in_band(b):
-            out += [
-                path("warp", band=b, patch=p, visit=v)
-                for v in OVERLAPS.visits_on_patch(b, p)
-            ]
-    return out
-
-
 rule make_skymap:
     """The tract and patch geometry (JSON), from the config."""
     output:
