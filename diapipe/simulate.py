@@ -1038,17 +1038,30 @@ def _mover_path(plan, visit, detector, source_id) -> tuple[np.ndarray, np.ndarra
     return xa + t * (xb - xa), ya + t * (yb - ya)
 
 
-def _add_satellite(img, plan, visit, detector, vrow) -> None:
-    """A satellite trail: a straight line with a Gaussian cross-section of the PSF's width."""
+def satellite_line(plan, visit, detector) -> tuple[float, float, float, float, float] | None:
+    """The visit's satellite trail on a detector: (x0, y0, nx, ny, sigma) or None.
+
+    A pixel (x, y) is at signed distance (x - x0) nx + (y - y0) ny (pixels)
+    from the trail's centre line; the cross-section is a Gaussian of ``sigma``
+    (pixels, the seeing) carrying ``sat_flux`` e- per pixel of length.
+    """
+    vrow = plan.visit_row(visit)
+    if not bool(vrow["sat_trail"]):
+        return None
     w = true_wcs(plan, visit, detector)
     pa = math.radians(float(vrow["sat_pa"]))
     ra0, dec0 = float(vrow["sat_ra"]), float(vrow["sat_dec"])
     ra1, dec1 = _offset_radec(ra0, dec0, -600 * math.sin(pa), 600 * math.cos(pa))
     (x0, x1), (y0, y1) = w.wcs_world2pix([ra0, float(ra1)], [dec0, float(dec1)], 0)
     nrm = math.hypot(x1 - x0, y1 - y0)
-    nxv, nyv = -(y1 - y0) / nrm, (x1 - x0) / nrm
-    ny, nx = img.shape
     sigma = float(vrow["seeing"]) / plan.sim["pixel_scale"] / 2.3548
+    return float(x0), float(y0), float(-(y1 - y0) / nrm), float((x1 - x0) / nrm), sigma
+
+
+def _add_satellite(img, plan, visit, detector, vrow) -> None:
+    """A satellite trail: a straight line with a Gaussian cross-section of the PSF's width."""
+    x0, y0, nxv, nyv, sigma = satellite_line(plan, visit, detector)
+    ny, nx = img.shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     dist = (xx - x0) * nxv + (yy - y0) * nyv
     near = np.abs(dist) < 6 * sigma

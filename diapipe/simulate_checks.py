@@ -173,6 +173,10 @@ def _isolated_stars(plan, visit, detector, truth, fmin, fmax_peak, radius=15.0) 
     keep = (stars["flux"] > fmin) & (peak < fmax_peak)
     m = 2 * radius
     keep &= (stars["x"] > m) & (stars["x"] < sim["nx"] - 1 - m) & (stars["y"] > m) & (stars["y"] < sim["ny"] - 1 - m)
+    line = sim_mod.satellite_line(plan, visit, detector)
+    if line is not None:  # a satellite trail is a neighbour too
+        x0, y0, nxv, nyv, sig = line
+        keep &= np.abs((stars["x"] - x0) * nxv + (stars["y"] - y0) * nyv) > radius + 6 * sig
     allx, ally, allf = src["x"].to_numpy(), src["y"].to_numpy(), src["flux"].to_numpy()
     # Extended galaxies count as neighbours out to radius + a few half-light radii.
     ext = np.nan_to_num(src["reff"].to_numpy()) / sim["pixel_scale"] * 4
@@ -313,8 +317,9 @@ def bleed_trails(raw_hdu, plan, visit, detector) -> pd.DataFrame:
             rows.append(dict(source_id=int(s["source_id"]), peak_e=peak, x_extent=0, y_extent=0, trail=False))
             continue
         yext, xext = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+        # A bleed trail: the saturated region reaches >= 2 px farther along the column than across.
         rows.append(dict(source_id=int(s["source_id"]), peak_e=peak, x_extent=xext, y_extent=yext,
-                         trail=bool(yext >= xext + 4)))
+                         trail=bool(yext >= xext + 2)))
     return pd.DataFrame(rows, columns=["source_id", "peak_e", "x_extent", "y_extent", "trail"])
 
 
@@ -389,6 +394,7 @@ def survey_report(cfg, butler, visits=None, detectors=None) -> dict:
             t2 = overscan_stats(frames[i][0], frames[i][1])
             acc["bias"].append(t.merge(t2, on="amp").assign(detector=d, pair=i // 2))
     tab = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in acc.items()}
+    tab["outliers"] = pd.DataFrame(outliers)
 
     def rel(t, col, truth_col):
         tv = truth_amps.loc[list(zip(t["detector"], t["amp"])), truth_col].to_numpy()
@@ -414,6 +420,9 @@ def survey_report(cfg, butler, visits=None, detectors=None) -> dict:
         "astrometry_mean_dx_dy_px": [float(a["dx"].mean()), float(a["dy"].mean())] if len(a) else None,
         "saturated_stars": len(bl),
         "saturated_stars_with_trail": int(bl["trail"].sum()) if len(bl) else 0,
+        "saturated_stars_over_1.5x_full_well": int((bl["peak_e"] > 1.5 * s["full_well"]).sum()) if len(bl) else 0,
+        "saturated_stars_over_1.5x_full_well_with_trail": int(bl.loc[bl["peak_e"] > 1.5 * s["full_well"], "trail"].sum())
+        if len(bl) else 0,
         "saturated_stars_over_2x_full_well": int((bl["peak_e"] > 2 * s["full_well"]).sum()) if len(bl) else 0,
         "saturated_stars_over_2x_full_well_with_trail": int(bl.loc[bl["peak_e"] > 2 * s["full_well"], "trail"].sum())
         if len(bl) else 0,
