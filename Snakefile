@@ -22,6 +22,7 @@ include: "workflow/rules/detect.smk"
 include: "workflow/rules/fakes.smk"
 include: "workflow/rules/realbogus.smk"
 include: "workflow/rules/associate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

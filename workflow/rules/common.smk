@@ -141,7 +141,13 @@ def all_targets():
     targets += completeness_targets()
     targets += realbogus_targets()
     targets += associate_targets()
+    targets += [path("report")]
     return targets
+
+
+def calexp_data_ids():
+    """(visit, detector) of every calexp (science and template visits)."""
+    return [(v, d) for v in visits() for d in detectors()]
 
 
 # ---- isr (rules in isr.smk)
