@@ -20,6 +20,11 @@ pytestmark = pytest.mark.workflow
 ALLOWED = ("--allowed-rules", "subtract")
 
 
+def OVERLAY(**subtract):  # noqa: N802
+    # the calexp itself is the science input (no fake injection in this test)
+    return {"subtract": subtract, "fakes": {"enabled": False}}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = wfutil.copy_workflow(tmp_path_factory.mktemp("subtract_wf"))
@@ -32,7 +37,7 @@ def workdir(tmp_path_factory):
             p = wd / ("results/calexp/{v}/0.fits" if ds == "calexp" else "results/diff/{v}/0.template.fits").format(v=visit)
             p.parent.mkdir(parents=True, exist_ok=True)
             e.write(p)
-    wfutil.write_yaml(wd / "sub.yaml", {"subtract": {"spatial_order": 0}})
+    wfutil.write_yaml(wd / "sub.yaml", OVERLAY(spatial_order=0))
     return wd
 
 
@@ -58,7 +63,7 @@ def test_changed_setting_reruns_subtract(workdir):
     target = "results/diff/20/0.fits"
     _run(workdir, target)
     assert "Nothing to be done" in _run(workdir, target, "-n").stdout
-    wfutil.write_yaml(workdir / "sub.yaml", {"subtract": {"spatial_order": 0, "decorrelate": False}})
+    wfutil.write_yaml(workdir / "sub.yaml", OVERLAY(spatial_order=0, decorrelate=False))
     dry = _run(workdir, target, "-n").stdout
     assert "subtract" in dry and "Nothing to be done" not in dry
     _run(workdir, target)  # (check the product, not the exit status of the summary hook)
