@@ -455,8 +455,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
         header["ZOGYFD"] = (z["flux_zero_point"], "ZOGY F_D of the unit-noise D")
         header["DECORR"] = (False, "AL decorrelation applied (ZOGY noise is white)")
     else:
+        bad_out = masks.is_set(out_mask, *bad_planes)
         diff, var, diff_psf = _al_difference(sol, src, tgt, vsrc, vs if pre is not None else vtgt, bad,
-                                             direction, cfg, psf_s, header, pre)
+                                             direction, cfg, psf_s, header, pre, bad_out)
+        # the afterburner spreads what is left at bad pixels over its own footprint: mask that too
+        out_mask = _grow_planes(out_mask, header.get("DECRAD", (0,))[0], bad_planes)
+        nodata = masks.is_set(out_mask, "NO_DATA")
 
     diff[nodata] = np.nan
     var[nodata] = np.nan
@@ -573,7 +577,7 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
     return sol
 
 
-def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header, pre=None):
+def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header, pre=None, bad_out=None):
     """Apply the kernel, form the difference, propagate variance, decorrelate; also the diffexp PSF."""
     shape = src.shape
     ny, nx = shape
@@ -619,8 +623,13 @@ def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header
         var = (var_u + var_conv * bmap) / ks**2
     del conv, var_conv
     if phi is not None:
-        d0 = np.where(np.isfinite(diff), diff, 0).astype(np.float32)
+        # bad pixels (saturated cores, cosmic rays, no data) are zeroed first, not smeared
+        ok = np.isfinite(diff) if bad_out is None else np.isfinite(diff) & ~bad_out
+        d0 = np.where(ok, diff, 0).astype(np.float32)
         diff = kmod.FFTConvolver(d0, phi.shape[0] // 2).convolve(phi.astype(np.float32))
+        yy, xx = np.nonzero(np.abs(phi) > 0.005 * np.abs(phi).max())
+        header["DECRAD"] = (int(np.max(np.hypot(yy - phi.shape[0] // 2, xx - phi.shape[1] // 2))),
+                            "decorrelation kernel radius; bad planes grown by it [px]")
     header["DECORR"] = (bool(cfg.decorrelate), "Reiss & Lupton decorrelation applied")
     header["DECVARU"] = (round(s_u, 4), "sky variance of the unconvolved image")
     header["DECVARC"] = (round(s_c, 4), "sky variance of the convolved image")

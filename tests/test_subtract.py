@@ -303,3 +303,18 @@ def test_delta_function_basis_option(pair):
     # a free-form kernel on 6 stamps is noisier than the Gaussian basis: 2.5% on the fakes
     f = np.mean([psf_flux(d, x, y)[0] for x, y in zip(truth["fake_x"], truth["fake_y"])])
     assert f == pytest.approx(truth["fake_flux"][0], rel=0.025)
+
+
+def test_saturated_science_pixels_are_not_smeared(pair):
+    """A saturated core in the science image stays masked (grown by the decorrelation radius)
+    and leaves no outliers in the unmasked pixels."""
+    s, t, truth = pair
+    s = s.copy()
+    s.mask[100:103, 100:103] |= masks.bit("SAT")
+    s.image[100:103, 100:103] = 1e6
+    d = subtract(s, t, {"spatial_order": 0})
+    r = d.metadata["DECRAD"]
+    assert masks.is_set(d.mask, "SAT")[100 - r : 103 + r, 100 - r : 103 + r].all()
+    good = ~masks.is_set(d.mask, *masks.BAD_PLANES)
+    z = d.image / np.sqrt(d.variance)
+    assert np.abs(z[90:113, 90:113][good[90:113, 90:113]]).max() < 5
