@@ -188,7 +188,7 @@ def build(out, *, calexps: dict, cutouts: dict, dia_scored=None, dia_associated=
           lightcurves=None,
           association_metrics=None, completeness_plot=None, completeness_summary=None, eval_plots=None,
           realbogus_evaluation=None, truth_fluxes=None, truth_sources=None, bench_dir="benchmarks",
-          title="diapipe run") -> str:
+          title="diapipe run", n_cutouts: int = 12, n_lightcurves: int = 8) -> str:
     """Write the report HTML to ``out``; returns the HTML."""
     from . import associate as asc
 
@@ -225,7 +225,7 @@ def build(out, *, calexps: dict, cutouts: dict, dia_scored=None, dia_associated=
     gal_src = dia
     if assoc_src is not None and len(assoc_src):
         gal_src = assoc_src
-    parts.append("<h2 id='gallery'>Best candidates</h2>" + gallery(gal_src, cutouts))
+    parts.append("<h2 id='gallery'>Best candidates</h2>" + gallery(gal_src, cutouts, n_cutouts))
     truth = tf = None
     if truth_fluxes and truth_sources and assoc_src is not None and len(assoc_src):
         tf = pd.read_parquet(truth_fluxes)
@@ -235,7 +235,7 @@ def build(out, *, calexps: dict, cutouts: dict, dia_scored=None, dia_associated=
         m = m[m["truth"] >= 0]
         truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0]) if len(m) else None
     parts.append("<h2 id='lightcurves'>Light curves of the top diaObjects</h2>"
-                 + lightcurve_figures(objs, lc, truth, tf))
+                 + lightcurve_figures(objs, lc, truth, tf, n_lightcurves))
     parts.append("</body></html>")
     text = "\n".join(parts)
     write_text(text, out)

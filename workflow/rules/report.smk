@@ -33,6 +33,7 @@ rule report:
         mem_mb=detector_mem_mb(3.0, base=1500),
         runtime=20,
     params:
+        report=config["report"],
         calexp_ids=calexp_data_ids(),
         diff_ids=detect_data_ids(),
     script:

@@ -12,4 +12,5 @@ report.build(sm.output.html, calexps=calexps, cutouts=cutouts, dia_scored=inp.di
              dia_associated=inp.diaSources_associated, objects=inp.diaObjects, lightcurves=inp.lightcurves,
              association_metrics=inp.association_metrics, completeness_plot=inp.completeness_plot,
              completeness_summary=inp.completeness_summary, eval_plots=inp.eval_plots,
-             realbogus_evaluation=inp.evaluation, bench_dir="benchmarks", **truth)
+             realbogus_evaluation=inp.evaluation, bench_dir="benchmarks",
+             n_cutouts=sm.params.report["n_cutouts"], n_lightcurves=sm.params.report["n_lightcurves"], **truth)
