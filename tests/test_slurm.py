@@ -3,7 +3,8 @@
 Needs root and the Debian packages slurm-wlm and munge; skipped with the reason
 otherwise.  Measured on 2 shared cores: the 3-rule toy ~65 s; the tiny survey
 when it was the simulate stage alone (16 jobs) ~5 min.  Every job pays ~15-20 s
-of scheduling latency, so the full tiny DAG (~120 jobs) needs tens of minutes.  `make slurm-test` installs them and runs this file with
+of scheduling latency, so the full tiny DAG (~120 jobs) needs tens of minutes.
+`make slurm-test` installs the packages and runs this file with
 DIAPIPE_SLURM_REQUIRED=1, which turns every skip into a failure.
 Each run is wrapped in `timeout -k`: a wrong status setting makes the plugin
 wait forever and ignore SIGTERM.
