@@ -939,23 +939,39 @@ def _pixel_scale_arcsec(exposure) -> float:
     return float(np.mean(proj_plane_pixel_scales(exposure.wcs.celestial)) * 3600.0)
 
 
-def features_for_exposure(dia: pd.DataFrame, cutouts: dict, diffexp, template=None) -> pd.DataFrame:
+#: Cutouts for the features reach this many FWHM from the diaSource (the outer-region features need > 3).
+STAMP_HALF_FWHM = 4.0
+
+
+def features_for_exposure(dia: pd.DataFrame, cutouts: dict | None, diffexp, template=None,
+                          science=None) -> pd.DataFrame:
     """Features of one difference exposure's diaSources (diaSourceId + FEATURE_NAMES).
 
     dia : the diaSrc table (x, y in pixels; refDistance in arcsec).
-    cutouts : {'science','template','difference': (n, S, S)} in diaSrc row order (diapipe.measure).
+    cutouts : {'science','template','difference': (n, S, S)} in diaSrc row order (diapipe.measure);
+        used when ``science`` and ``template`` exposures are not given or when they reach
+        STAMP_HALF_FWHM x FWHM.  Otherwise stamps of that half-width are cut from the exposures
+        (a 31-pixel cutout is only ~2 FWHM at 7-pixel seeing).
     diffexp : the difference Exposure (PSF for the FWHM; variance and mask are cut here).
-    template : optional template Exposure on the same grid (its PSF gives the seeing ratio).
+    template, science : optional template and science Exposures on the diffexp's pixel grid.
     """
     n = len(dia)
     if n == 0:
         return pd.DataFrame({"diaSourceId": np.zeros(0, np.int64), **{k: np.zeros(0) for k in FEATURE_NAMES}})
-    size = cutouts["difference"].shape[-1]
-    if cutouts["difference"].shape[0] != n:
-        raise DiapipeError(f"{cutouts['difference'].shape[0]} cutouts for {n} diaSources",
-                           data_id=getattr(diffexp, "data_id", None))
     x, y = dia["x"].to_numpy(float), dia["y"].to_numpy(float)
     fwhm = _psf_fwhm(diffexp, x, y)
+    need = 2 * int(np.ceil(STAMP_HALF_FWHM * np.max(fwhm))) + 1
+    if cutouts is not None and cutouts["difference"].shape[0] != n:
+        raise DiapipeError(f"{cutouts['difference'].shape[0]} cutouts for {n} diaSources",
+                           data_id=getattr(diffexp, "data_id", None))
+    if science is not None and template is not None and (cutouts is None or cutouts["difference"].shape[-1] < need):
+        cutouts = {key: np.stack([_cut(img, a, b, need) for a, b in zip(x, y)])
+                   for key, img in (("science", science.image), ("template", template.image),
+                                    ("difference", diffexp.image))}
+    elif cutouts is None:
+        raise DiapipeError("no cutouts and no science/template exposures to cut them from",
+                           data_id=getattr(diffexp, "data_id", None))
+    size = cutouts["difference"].shape[-1]
     tfwhm = _psf_fwhm(template, x, y) if template is not None and template.psf is not None else None
     var = np.stack([_cut(diffexp.variance, a, b, size) for a, b in zip(x, y)])
     msk = np.stack([_cut(diffexp.mask, a, b, size, fill=masks.bit("NO_DATA"), dtype=masks.MASK_DTYPE)
@@ -987,8 +1003,8 @@ def _psf_fwhm(exposure, x, y) -> np.ndarray:
     return interp(np.c_[np.clip(y, 0, ny - 1), np.clip(x, 0, nx - 1)])
 
 
-def run_features(dia_path, cutouts_path, diffexp_path, output, template_path=None) -> pd.DataFrame:
-    """File-level: one exposure's diaSrc + cutouts + diffexp (+ template) -> features Parquet."""
+def run_features(dia_path, cutouts_path, diffexp_path, output, template_path=None, science_path=None) -> pd.DataFrame:
+    """File-level: one exposure's diaSrc + cutouts + diffexp (+ template, science) -> features Parquet."""
     from .exposure import Exposure
     from .measure import read_cutouts
 
@@ -1004,7 +1020,8 @@ def run_features(dia_path, cutouts_path, diffexp_path, output, template_path=Non
         raise DiapipeError("cutouts do not match the diaSrc table row for row", cutouts_path)
     diffexp = Exposure.read(diffexp_path)
     template = Exposure.read(template_path) if template_path else None
-    feats = features_for_exposure(dia, cubes, diffexp, template)
+    science = Exposure.read(science_path) if science_path else None
+    feats = features_for_exposure(dia, cubes, diffexp, template, science)
     write_parquet(feats, output)
     return feats
 
@@ -1146,8 +1163,32 @@ def run_score(dia_path, feature_paths, model_path, output, threads: int = 1) -> 
     return out
 
 
-def run_evaluate(scored_path, classes_path, model_path, metrics_out, plots_dir=None) -> dict:
-    """File-level: metrics of the scores in a scored diaSources table against the truth classes."""
+def completeness_vs_injected_snr(fakes: pd.DataFrame, scored: pd.DataFrame, threshold: float) -> list[dict]:
+    """Completeness of injected fakes per S/N bin: detected (no cut) and detected with reliability >= threshold.
+
+    fakes : diapipe.completeness matched-fakes table (detected, diaSourceId, snrDiff or snrCalexp).
+    """
+    col = "snrDiff" if "snrDiff" in fakes.columns and fakes["snrDiff"].notna().any() else "snrCalexp"
+    rel = scored.set_index("diaSourceId")["reliability"]
+    det = fakes["detected"].astype(bool).to_numpy()
+    r = rel.reindex(fakes["diaSourceId"].to_numpy()).to_numpy(float)
+    passed = det & (np.nan_to_num(r, nan=-1.0) >= threshold)
+    snr = fakes[col].to_numpy(float)
+    edges = [2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 30, 50, 100, np.inf]
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (snr >= lo) & (snr < hi)
+        n = int(sel.sum())
+        if n:
+            rows.append({"snr_lo": lo, "snr_hi": hi, "snr_column": col, "n_injected": n,
+                         "n_detected": int(det[sel].sum()), "n_pass": int(passed[sel].sum()),
+                         "completeness_no_cut": float(det[sel].mean()), "completeness_cut": float(passed[sel].mean())})
+    return rows
+
+
+def run_evaluate(scored_path, classes_path, model_path, metrics_out, plots_dir=None, fakes_path=None) -> dict:
+    """File-level: metrics of the scores in a scored diaSources table against the truth classes
+    (and, given the matched-fakes table, completeness of the injected fakes vs S/N with and without the cut)."""
     meta = read_model_metadata(model_path)
     scored = pd.read_parquet(scored_path)
     classes = pd.read_parquet(classes_path)[["diaSourceId", "truthClass"]]
@@ -1164,6 +1205,10 @@ def run_evaluate(scored_path, classes_path, model_path, metrics_out, plots_dir=N
                "note": ("all diaSources of this run; rows of visits the model was trained on are optimistic"
                         if train_visits & set(tab["visit"].unique()) else "no visit of this run was used in training"),
                "all": ev}
+    if fakes_path:
+        fk = pd.read_parquet(fakes_path)
+        if len(fk):
+            ev["completeness_vs_snr"] = completeness_vs_injected_snr(fk, scored, float(meta["threshold"]))
     sel = tab["visit"].isin(held).to_numpy() if held else np.zeros(len(tab), bool)
     if sel.any() and len(np.unique(y[sel])) == 2:
         metrics["heldout"] = evaluate(y[sel], tab["reliability"].to_numpy(float)[sel], float(meta["threshold"]))

@@ -295,7 +295,8 @@ def _write_survey_products(root: Path, visits, detector=0, per_visit=90, seed=5)
     from diapipe.config import load_schema
 
     b = Butler(load_schema()["properties"]["datasets"]["default"], root=root)
-    cut, tab = make_synthetic(len(visits), per_visit, seed=seed, size=31, first_visit=min(visits))
+    # 41-pixel stamps reach 4 FWHM for every synthetic seeing (<= 5 px), so the features use them as given
+    cut, tab = make_synthetic(len(visits), per_visit, seed=seed, size=41, first_visit=min(visits))
     dia_all, classes = [], []
     for v, grp in tab.groupby("visit"):
         i = grp.index.to_numpy()
@@ -308,13 +309,15 @@ def _write_survey_products(root: Path, visits, detector=0, per_visit=90, seed=5)
             "visit": int(v), "detector": detector, "x": rng.uniform(20, 180, n), "y": rng.uniform(20, 180, n),
             "snr": grp["det_snr"].to_numpy(), "refDistance": grp["ref_distance"].to_numpy() * 0.2,
         })
-        for dt in ("diaSrc", "diaSrc_cutouts", "diffexp", "template_exp"):
+        for dt in ("diaSrc", "diaSrc_cutouts", "diffexp", "template_exp", "calexp_fakes", "calexp"):
             b.get(dt, visit=v, detector=detector).parent.mkdir(parents=True, exist_ok=True)
         dia.to_parquet(b.get("diaSrc", visit=v, detector=detector))
         measure.write_cutouts(dia, {k: cut[k][i] for k in ("science", "template", "difference")},
                               b.get("diaSrc_cutouts", visit=v, detector=detector))
         diff.write(b.get("diffexp", visit=v, detector=detector))
         diff.write(b.get("template_exp", visit=v, detector=detector))
+        diff.write(b.get("calexp_fakes", visit=v, detector=detector))  # stand-in science calexp
+        diff.write(b.get("calexp", visit=v, detector=detector))
         dia_all.append(dia)
         classes.append(pd.DataFrame({"diaSourceId": dia["diaSourceId"], "visit": int(v), "detector": detector,
                                      "truthClass": np.where(grp["label"] == 1, "fake", "false")}))
@@ -322,6 +325,9 @@ def _write_survey_products(root: Path, visits, detector=0, per_visit=90, seed=5)
     pd.concat(dia_all).to_parquet(b.get("diaSources"))
     b.get("completeness_classes").parent.mkdir(parents=True, exist_ok=True)
     pd.concat(classes).to_parquet(b.get("completeness_classes"))
+    real = pd.concat(classes).query("truthClass == 'fake'")
+    pd.DataFrame({"diaSourceId": real["diaSourceId"].to_numpy(), "detected": True,
+                  "snrDiff": tab.loc[tab["label"] == 1, "det_snr"].to_numpy()}).to_parquet(b.get("completeness_fakes"))
     return b
 
 
@@ -332,10 +338,10 @@ def test_realbogus_rules(tmp_path):
     from wfutil import copy_workflow, run, write_yaml
 
     wf = copy_workflow(tmp_path / "wf")
-    visits = list(range(5))
+    visits = list(range(1, 6))  # visit 0 is the template pool: not subtracted (detect_data_ids)
     b = _write_survey_products(wf, visits)
     cfg = write_yaml(wf / "rb.yaml", {"simulate": {"n_detectors": 1, "n_template_visits": 1,
-                                                    "n_science_visits": 4},
+                                                    "n_science_visits": 5},
                                       "realbogus": {"threads": 1, "hgb_max_iter": 60, "rf_n_estimators": 40,
                                                     "n_folds": 3, "label_noise_check": 0.0}})
     rules = ["realbogus_features", "train_realbogus", "score_realbogus", "evaluate_realbogus"]
@@ -347,6 +353,7 @@ def test_realbogus_rules(tmp_path):
     ev = json.loads(b.get("realbogus_evaluation").read_text())
     met = json.loads(b.get("realbogus_metrics").read_text())
     assert ev["all"]["auc"] > 0.98 and met["heldout"]["auc"] > 0.95
+    assert ev["all"]["completeness_vs_snr"][0]["snr_column"] == "snrDiff"
     assert (b.get("realbogus_train_plots") / "roc.png").exists()
     meta = rb.read_model_metadata(b.get("realbogus_model"))
     assert meta["feature_version"] == rb.FEATURE_VERSION and meta["n_train"] > 200

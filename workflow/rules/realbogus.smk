@@ -1,5 +1,5 @@
 # Real/bogus classification (diapipe.realbogus): features per difference
-# exposure; a classifier trained on the run's fakes and truth-matched
+# exposure (stamps of +-4 FWHM cut from the diffexp, science calexp and template); a classifier trained on the run's fakes and truth-matched
 # diaSources (or the model file in realbogus.model_path); reliability added to
 # the run's diaSources; evaluation against the truth classes.
 # The integrator adds realbogus_targets() to all_targets().
@@ -15,6 +15,7 @@ rule realbogus_features:
         cutouts=path("diaSrc_cutouts"),
         diffexp=path("diffexp"),
         template=path("template_exp"),
+        science=science_calexp(),
     output:
         features=path("realbogus_features"),
     log:
@@ -96,6 +97,7 @@ rule evaluate_realbogus:
     input:
         scored=path("diaSources_scored"),
         classes=path("completeness_classes"),
+        fakes=path("completeness_fakes"),
         model=realbogus_model_file(),
     output:
         evaluation=path("realbogus_evaluation"),
