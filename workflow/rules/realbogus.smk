@@ -1,8 +1,9 @@
 # Real/bogus classification (diapipe.realbogus): features per difference
-# exposure (stamps of +-4 FWHM cut from the diffexp, science calexp and template); a classifier trained on the run's fakes and truth-matched
+# exposure (stamps of +-4 FWHM cut from the diffexp, science calexp and
+# template); a classifier trained on the run's fakes and truth-matched
 # diaSources (or the model file in realbogus.model_path); reliability added to
 # the run's diaSources; evaluation against the truth classes.
-# The integrator adds realbogus_targets() to all_targets().
+# realbogus_model_file() and realbogus_targets() live in common.smk.
 from diapipe.realbogus import FEATURE_VERSION
 
 REALBOGUS = config["realbogus"]
