@@ -637,30 +637,6 @@ def apply_kernel(sol: KernelSolution, src: np.ndarray) -> np.ndarray:
     return out
 
 
-def grid_map(func, shape, n=5) -> np.ndarray:
-    """Evaluate a smooth scalar function of (x, y) on an n x n grid and interpolate it (bicubic) to every pixel."""
-    ny, nx = shape
-    gx = np.linspace(0, nx - 1, n)
-    gy = np.linspace(0, ny - 1, n)
-    vals = np.array([[func(x, y) for x in gx] for y in gy])
-    if np.allclose(vals, vals.flat[0], rtol=1e-6, atol=0):
-        return np.full(shape, np.float32(vals.flat[0]), np.float32)
-    order = 3 if n >= 4 else 1
-    yy = np.arange(ny) * (n - 1) / max(ny - 1, 1)
-    xx = np.arange(nx) * (n - 1) / max(nx - 1, 1)
-    # separable: interpolate along x for each grid row, then along y
-    rows = np.array([ndimage.map_coordinates(vals, [np.full(nx, r), xx], order=order, mode="nearest")
-                     for r in range(n)])
-    out = np.empty(shape, np.float32)
-    for c0 in range(0, nx, 512):
-        sl = slice(c0, min(nx, c0 + 512))
-        w = rows[:, sl]
-        out[:, sl] = ndimage.map_coordinates(
-            w, [np.repeat(yy, w.shape[1]), np.tile(np.arange(w.shape[1]), ny)], order=order, mode="nearest"
-        ).reshape(ny, -1)
-    return out
-
-
 def _power_map(coef: np.ndarray, shape, x0, y0, sx, sy) -> np.ndarray:
     """sum_{a,b} coef[b, a] u^a v^b on every pixel, as one matrix product (u, v: normalised x, y)."""
     ny, nx = shape
