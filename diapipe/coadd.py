@@ -157,7 +157,10 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
             # with only two inputs a disagreement is blamed on the brighter one (artefacts add light)
             pos_only = (two & (d < 0)) | (mtwo & (z < 0))
             high = ((zz > nsigma) | sharp) & ~pos_only & (nval >= 2) & valid[i]
-            low = ((zz > nsigma_low) | sharp) & ~pos_only & (nval >= 2) & valid[i]
+            # the hysteresis level has no slack: an artefact found on the sky next to a star (a trail
+            # crossing it) is followed into the star, as long as it stays within 2 FWHM of a seed
+            zlow = np.where(mn >= 2, np.abs(np.nan_to_num(z)), 0.0)
+            low = ((zlow > nsigma_low) | sharp) & ~pos_only & (nval >= 2) & valid[i]
             if not high.any():
                 continue
             # hysteresis: keep low-threshold regions that contain a high-threshold pixel, but only
