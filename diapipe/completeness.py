@@ -73,8 +73,13 @@ def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> 
     return pd.concat(out, ignore_index=True) if out else fakes.assign(detected=False)
 
 
-def add_diff_snr(fakes: pd.DataFrame, diffexps: dict) -> pd.DataFrame:
-    """Add snrDiff (optimal S/N in the difference image) and psfFwhm; diffexps maps (visit, detector) -> Exposure."""
+def add_diff_snr(fakes: pd.DataFrame, diffexps: dict, dia: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Add snrDiff (optimal S/N in the difference image) and psfFwhm; diffexps maps (visit, detector) -> Exposure.
+
+    With ``dia`` (the diaSources, column noiseScale) the S/N is divided by the
+    exposure's measured matched-filter noise scale, i.e. counted in units of the
+    noise actually present (correlated noise), as detection thresholds it.
+    """
     from .fakes import optimal_snr_unit
     from .measure import _Pixels
 
@@ -89,7 +94,13 @@ def add_diff_snr(fakes: pd.DataFrame, diffexps: dict) -> pd.DataFrame:
         snr[k] = flux * optimal_snr_unit(e, x, y, pixels[(int(v), int(d))])
         fwhm[k] = e.psf.fwhm(x, y)
     out = fakes.copy()
-    out["snrDiff"] = snr
+    scale = np.ones(len(fakes))
+    if dia is not None and len(dia) and "noiseScale" in dia:
+        per = dia.groupby(["visit", "detector"])["noiseScale"].first()
+        key = pd.MultiIndex.from_arrays([fakes["visit"], fakes["detector"]])
+        scale = per.reindex(key).fillna(1.0).to_numpy(float)
+    out["noiseScale"] = scale
+    out["snrDiff"] = snr / scale
     out["psfFwhm"] = fwhm
     return out
 
@@ -224,11 +235,12 @@ def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources:
             continue
         pix = _Pixels(e)
         s = dia[(dia["visit"] == v) & (dia["detector"] == d)]
+        ns = float(s["noiseScale"].iloc[0]) if len(s) and "noiseScale" in s else 1.0
         j, _ = _nearest(s[["x", "y"]].to_numpy(float), t[["x", "y"]].to_numpy(float), radius)
         for k, r in enumerate(t.itertuples()):
             if not (0 <= r.x < e.shape[1] and 0 <= r.y < e.shape[0]):
                 continue
-            snr = r.flux * optimal_snr_unit(e, r.x, r.y, pix)
+            snr = r.flux * optimal_snr_unit(e, r.x, r.y, pix) / ns
             rows.append({"source_id": r.source_id, "kind": r.kind, "visit": v, "detector": d, "x": r.x, "y": r.y,
                          "flux": r.flux, "snrDiff": snr, "detected": bool(j[k] >= 0)})
     out = pd.DataFrame(rows)
@@ -319,7 +331,7 @@ def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, t
     curves = pd.DataFrame()
     if fakes is not None and len(fakes):
         if diffexps:
-            fakes = add_diff_snr(fakes, diffexps)
+            fakes = add_diff_snr(fakes, diffexps, dia)
             snr_col = "snrDiff"
         matched = match_fakes(dia, fakes, float(cfg["match_radius"]))
         mags = matched["mag"].to_numpy(float)
@@ -330,6 +342,9 @@ def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, t
     classes = classify(dia, fakes, tf, ts, float(cfg["match_radius"]))
     recovery = truth_recovery(dia, tf, ts, diffexps, float(cfg["truth_snr_min"])) if (tf is not None and ts is not None and diffexps) else None
     summ = summary(matched, classes, snr_col, recovery, float(cfg["truth_snr_min"])) if len(matched) else {}
+    if len(dia) and "noiseScale" in dia:
+        summ["noise_scale_per_exposure"] = {f"{v}/{d}": float(x) for (v, d), x in
+                                            dia.groupby(["visit", "detector"])["noiseScale"].first().items()}
     write_parquet(matched, outputs["matched"])
     write_parquet(curves, outputs["curves"])
     write_parquet(classes, outputs["classes"])

@@ -15,6 +15,14 @@ flux F on a pixel centre its peak is the optimal S/N
 With ZOGY the subtraction already provides S_corr, a unit-variance score image,
 and detection thresholds that instead (``use_scorr``).
 
+The robust (IQR) standard deviation of nu over the valid pixels measures how
+well the variance plane describes the noise of the filtered image; correlated
+noise (resampling, an undecorrelated kernel) makes it exceed 1.  With
+``rescale_noise`` nu is divided by it, so the threshold is in units of the
+noise actually present, and PSF-fit errors are scaled by the same factor
+(column noiseScale) -- when the mismatch is significant (more than 3 times the
+estimate's own statistical error, ~1.17 / sqrt(independent samples)).
+
 Footprints are connected pixels (4-connectivity, scipy.ndimage.label) with
 nu >= threshold (DETECTED) or nu <= -threshold (DETECTED_NEGATIVE).  A positive
 and a negative footprint closer than ``merge_radius`` PSF FWHMs are merged into
@@ -50,6 +58,7 @@ DEFAULTS = {
     "min_pixels": 1,
     "merge_radius": 1.5,
     "grow": 1,
+    "rescale_noise": True,
 }
 
 
@@ -86,6 +95,7 @@ class Detections:
     threshold: float
     noise_std: float  # robust std of nu over valid pixels (1.0 for correct variances)
     n_valid: int
+    noise_scale: float = 1.0  # factor nu was divided by (noise_std when rescale_noise, else 1)
 
 
 def valid_pixels(exposure: Exposure) -> np.ndarray:
@@ -170,6 +180,32 @@ def matched_filter(image, variance, valid, psf_stamp) -> np.ndarray:
     return nu.astype(np.float32, copy=False)
 
 
+def _filtered_noise(nu, valid, n_target=200_000, clip=4.0):
+    """Robust std of nu from ~n_target pixels away from sources, and the number used.
+
+    A first IQR estimate from a regular subgrid; then subgrid points whose
+    step x step block, or a neighbouring block, holds |nu| > clip x that estimate
+    (a source, a residual) are dropped and the IQR is taken again, so that a
+    field dense in sources does not inflate the noise estimate.
+    """
+    ny, nx = nu.shape
+    step = max(1, int(np.sqrt(valid.size / n_target)))
+    hh, ww = ny // step * step, nx // step * step
+    centre = nu[step // 2 : hh : step, step // 2 : ww : step]
+    vc = valid[step // 2 : hh : step, step // 2 : ww : step]
+    if hh == 0 or ww == 0 or not vc.any():
+        return float("nan"), 0
+    s0 = _robust_std(centre[vc])
+    if not (np.isfinite(s0) and s0 > 0):
+        return s0, int(vc.sum())
+    blockmax = np.abs(nu[:hh, :ww]).reshape(hh // step, step, ww // step, step).max(axis=(1, 3))
+    hot = ndimage.maximum_filter(blockmax, size=3) > clip * s0
+    keep = vc & ~hot
+    if keep.sum() < 0.2 * vc.sum():  # nearly everything "hot": the first estimate is all we have
+        return s0, int(vc.sum())
+    return _robust_std(centre[keep]), int(keep.sum())
+
+
 def _robust_std(x) -> float:
     if x.size == 0:
         return float("nan")
@@ -213,14 +249,26 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
         nu = matched_filter(diffexp.image, diffexp.variance, valid, psf_stamp)
 
     # Noise diagnostic from a subsample: 1.0 means the variance plane is right.
-    step = max(1, int(np.sqrt(valid.size / 200_000)))
-    sample = nu[::step, ::step][valid[::step, ::step]]
-    noise_std = _robust_std(sample)
-    thr = float(cfg["threshold"])
+    noise_std, n_sample = _filtered_noise(nu, valid)
+    # Correlated noise (resampled template, undecorrelated kernel) or a mis-scaled
+    # variance plane make the filtered noise differ from 1: measure it (IQR, robust
+    # to sources) and threshold in units of the noise actually there.
+    # Only when the mismatch is significant: the IQR estimate's error is ~1.17 / sqrt(N_eff),
+    # N_eff = independent samples (nu is correlated over ~4 pi sigma_PSF^2 pixels).
     fwhm = diffexp.psf.fwhm(0.5 * (nx - 1), 0.5 * (ny - 1))
+    step = max(1, int(np.sqrt(valid.size / 200_000)))
+    n_eff = min(n_sample, n_sample * step**2 / (4 * np.pi * (fwhm / 2.3548) ** 2))
+    noise_err = 1.17 / np.sqrt(max(n_eff, 1.0))
+    scale = 1.0
+    if (cfg["rescale_noise"] and n_sample >= 1000 and np.isfinite(noise_std) and noise_std > 0
+            and abs(noise_std - 1) > 3 * noise_err):
+        scale = noise_std
+        nu /= np.float32(scale)
+    thr = float(cfg["threshold"])
     cands = _footprints(nu, valid, thr, cfg, fwhm, diffexp.mask)
-    log.info("%d candidates above %.1f sigma (nu robust std %.3f)", len(cands), thr, noise_std)
-    return Detections(cands, nu, thr, noise_std, int(valid.sum()))
+    log.info("%d candidates above %.1f sigma (matched-filter noise %.3f x the variance plane's%s)",
+             len(cands), thr, noise_std, ", rescaled" if scale != 1.0 else "")
+    return Detections(cands, nu, thr, noise_std, int(valid.sum()), scale)
 
 
 def _peaks(nu, labels, n, sign):

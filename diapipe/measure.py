@@ -70,7 +70,7 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "psfFlux": ("float64", "nJy", "PSF flux in the difference image: weighted least-squares fit of the diffexp PSF at (x, y)."),
     "psfFluxErr": ("float64", "nJy", "1-sigma error of psfFlux, 1 / sqrt(sum P^2 / variance)."),
     "psfChi2Ndof": ("float64", "", "Reduced chi^2 of the PSF fit within the PSF stamp."),
-    "snr": ("float64", "", "Detection significance: largest |matched-filter S/N| (or |S_corr|) in the source's footprints."),
+    "snr": ("float64", "", "Detection significance: largest |matched-filter S/N| (or |S_corr|) in the source's footprints, in units of the measured noise (see noiseScale)."),
     "apFlux": ("float64", "nJy", "Flux in a circular aperture of the first configured radius (sep.sum_circle)."),
     "apFluxErr": ("float64", "nJy", "1-sigma error of apFlux from the variance plane."),
     "apRadius": ("float64", "pixel", "Radius of the apFlux aperture."),
@@ -92,6 +92,7 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "templateFluxErr": ("float64", "nJy", "1-sigma error of templateFlux."),
     "refDistance": ("float64", "arcsec", "Distance to the nearest reference-catalog star (NaN without a refcat)."),
     "nPix": ("int64", "pixel", "Number of pixels in the source's footprints."),
+    "noiseScale": ("float64", "", "Measured / expected noise of the matched-filtered diffexp (robust std of nu); when detect.rescale_noise, snr is divided and psfFluxErr, xErr, yErr, dipole flux errors multiplied by it."),
     "psfFlux_flag": ("bool", "", "PSF fit failed (no valid pixels or singular)."),
     "centroid_flag": ("bool", "", "Centroid fit failed or moved more than max_centroid_shift; the matched-filter peak is used."),
     "shape_flag": ("bool", "", "Second moments undefined (weighted moments not de-weightable)."),
@@ -560,26 +561,27 @@ def measure(diffexp: Exposure, detections: det.Detections, science: Exposure | N
 
         sf, sfe, sflag = _forced_flux(science, sci_pix, x, y, scale)
         tf, tfe, tflag = _forced_flux(template, tmpl_pix, x, y, scale)
+        ns = detections.noise_scale  # correlated-noise correction of PSF-weighted errors
         isdip = bool(
             dip["ok"]
             and dip["fluxPos"] > 0 > dip["fluxNeg"]
-            and dip["fluxPos"] / dip["fluxPosErr"] >= cfg["dipole_min_lobe_snr"]
-            and -dip["fluxNeg"] / dip["fluxNegErr"] >= cfg["dipole_min_lobe_snr"]
+            and dip["fluxPos"] / (dip["fluxPosErr"] * ns) >= cfg["dipole_min_lobe_snr"]
+            and -dip["fluxNeg"] / (dip["fluxNegErr"] * ns) >= cfg["dipole_min_lobe_snr"]
             and abs(dip["fluxPos"] + dip["fluxNeg"]) / (dip["fluxPos"] - dip["fluxNeg"]) <= cfg["dipole_max_asymmetry"]
         )
         vals = {
-            "x": x, "y": y, "xErr": fit["xErr"], "yErr": fit["yErr"],
-            "psfFlux": fit["flux"] * scale, "psfFluxErr": fit["fluxErr"] * scale,
+            "x": x, "y": y, "xErr": fit["xErr"] * ns, "yErr": fit["yErr"] * ns,
+            "psfFlux": fit["flux"] * scale, "psfFluxErr": fit["fluxErr"] * scale * ns,
             "psfChi2Ndof": fit["chi2ndof"], "snr": c.peak_nu,
             "isNegative": bool(c.has_neg and not c.has_pos), "isDipole": isdip,
-            "dipoleFluxPos": dip.get("fluxPos", np.nan) * scale, "dipoleFluxPosErr": dip.get("fluxPosErr", np.nan) * scale,
-            "dipoleFluxNeg": dip.get("fluxNeg", np.nan) * scale, "dipoleFluxNegErr": dip.get("fluxNegErr", np.nan) * scale,
+            "dipoleFluxPos": dip.get("fluxPos", np.nan) * scale, "dipoleFluxPosErr": dip.get("fluxPosErr", np.nan) * scale * ns,
+            "dipoleFluxNeg": dip.get("fluxNeg", np.nan) * scale, "dipoleFluxNegErr": dip.get("fluxNegErr", np.nan) * scale * ns,
             "dipoleSeparation": np.hypot(dip["xPos"] - dip["xNeg"], dip["yPos"] - dip["yNeg"]) if dip["ok"] else np.nan,
             "dipoleAngle": np.degrees(np.arctan2(dip["yPos"] - dip["yNeg"], dip["xPos"] - dip["xNeg"])) if dip["ok"] else np.nan,
             "dipoleChi2Ndof": dip.get("chi2ndof", np.nan),
             "ixx": ixx, "iyy": iyy, "ixy": ixy,
             "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
-            "nPix": c.npix,
+            "nPix": c.npix, "noiseScale": ns,
             "psfFlux_flag": not fit["ok"], "centroid_flag": (not both) and not fit["centroid_ok"],
             "shape_flag": not np.isfinite(ixx), "dipole_flag": both and not dip["ok"],
             "forced_flag": sflag or tflag,
