@@ -162,12 +162,31 @@ def _taps(coord: np.ndarray, a: int = LANCZOS_A):
 
 
 def lanczos_resample(image: np.ndarray, xin: np.ndarray, yin: np.ndarray, variance=None, mask=None,
-                     mask_kernel: str = "lanczos", a: int = LANCZOS_A):
+                     mask_kernel: str = "lanczos", a: int = LANCZOS_A, chunk: int = 1 << 15):
     """Resample ``image`` at input coordinates (xin, yin) (1-D arrays, 0-based pixel centres).
 
     Returns (values, variance or None, mask or None, valid) where ``valid`` is
     False where the 2a x 2a kernel would reach outside the image (values there 0).
+    Works through the points in chunks that stay in cache.
     """
+    xin, yin = np.asarray(xin, float), np.asarray(yin, float)
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    var = None if variance is None else np.ascontiguousarray(variance, dtype=np.float32)
+    mor = None
+    if mask is not None:
+        n = 2 * a
+        lo, hi = (0, n) if mask_kernel == "lanczos" else (a - 1, a + 1)
+        mor = _or_box(np.asarray(mask, dtype=masks.MASK_DTYPE), lo, hi)
+    if len(xin) <= chunk:
+        return _resample_chunk(img, xin, yin, var, mor, a)
+    parts = [_resample_chunk(img, xin[i:i + chunk], yin[i:i + chunk], var, mor, a) for i in range(0, len(xin), chunk)]
+    val = np.concatenate([q[0] for q in parts])
+    vout = np.concatenate([q[1] for q in parts]) if var is not None else None
+    mout = np.concatenate([q[2] for q in parts]) if mor is not None else None
+    return val, vout, mout, np.concatenate([q[3] for q in parts])
+
+
+def _resample_chunk(image, xin, yin, variance, mask_or, a):
     ny, nx = image.shape
     xs, wx = _taps(xin, a)
     ys, wy = _taps(yin, a)
@@ -175,27 +194,30 @@ def lanczos_resample(image: np.ndarray, xin: np.ndarray, yin: np.ndarray, varian
     valid = (xs >= 0) & (ys >= 0) & (xs + n <= nx) & (ys + n <= ny) & np.isfinite(xin) & np.isfinite(yin)
     xs = np.where(valid, xs, 0)
     ys = np.where(valid, ys, 0)
-    img = np.ascontiguousarray(image, dtype=np.float64).ravel()
-    var = None if variance is None else np.ascontiguousarray(variance, dtype=np.float64).ravel()
-    msk = None if mask is None else np.ascontiguousarray(mask).ravel()
+    img = image.ravel()
+    var = None if variance is None else variance.ravel()
     out = np.zeros(len(xin))
     vout = np.zeros(len(xin)) if var is not None else None
-    mout = np.zeros(len(xin), dtype=masks.MASK_DTYPE) if msk is not None else None
-    # Which taps flag the output: all (footprint) or the 2 x 2 nearest (bilinear).  The OR over
-    # that box is precomputed on the input (separable shifts), so one gather per output pixel.
-    if msk is not None:
-        lo, hi = (0, n) if mask_kernel == "lanczos" else (a - 1, a + 1)
-        mor = _or_box(np.asarray(mask).reshape(ny, nx), lo, hi).ravel()
-        mout = mor[ys * nx + xs]
+    # The mask OR over the kernel's (or the bilinear 2x2) footprint was precomputed on the
+    # input by separable shifts: one gather per output pixel.
+    mout = mask_or.ravel()[ys * nx + xs] if mask_or is not None else None
+    wxt = np.ascontiguousarray(wx.T)  # (n, N): contiguous rows for the inner products
+    wx2 = wxt**2
+    acc = np.empty(len(xin))
+    vacc = np.empty(len(xin)) if var is not None else None
+    tmp = np.empty(len(xin))
     for j in range(n):
         row = (ys + j) * nx + xs
-        acc = np.zeros(len(xin))
-        vacc = np.zeros(len(xin)) if var is not None else None
+        acc[:] = 0.0
+        if var is not None:
+            vacc[:] = 0.0
         for k in range(n):
             idx = row + k
-            acc += wx[:, k] * img[idx]
+            np.multiply(wxt[k], img[idx], out=tmp)
+            acc += tmp
             if var is not None:
-                vacc += wx[:, k] ** 2 * var[idx]
+                np.multiply(wx2[k], var[idx], out=tmp)
+                vacc += tmp
         out += wy[:, j] * acc
         if var is not None:
             vout += wy[:, j] ** 2 * vacc
