@@ -286,14 +286,15 @@ def plot(curves: pd.DataFrame, matched: pd.DataFrame, snr_col: str, path) -> Non
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     if not len(curves) or not len(matched):
         ax[0].text(0.5, 0.5, "no fakes", ha="center", transform=ax[0].transAxes)
-        curves = pd.DataFrame(columns=["by", "kind", "lo", "hi", "completeness", "completenessLo", "completenessHi"])
+        curves = pd.DataFrame(columns=["by", "kind", "lo", "hi", "n", "completeness", "completenessLo", "completenessHi"])
         matched = pd.DataFrame(columns=["detected", snr_col, "psfFlux", "flux_nJy", "psfFluxErr"], dtype=float)
     for kind, style in (("isolated", "o-"), ("host", "s--")):
-        c = curves[(curves["by"] == snr_col) & (curves["kind"] == kind)]
+        c = curves[(curves["by"] == snr_col) & (curves["kind"] == kind) & (curves["n"] > 0)]
         if len(c):
             mid = 0.5 * (c["lo"] + c["hi"])
-            ax[0].errorbar(mid, c["completeness"], yerr=[c["completeness"] - c["completenessLo"],
-                                                         c["completenessHi"] - c["completeness"]], fmt=style, label=kind)
+            lo = np.clip(c["completeness"] - c["completenessLo"], 0, None)  # (round-off at 0 and 1)
+            hi = np.clip(c["completenessHi"] - c["completeness"], 0, None)
+            ax[0].errorbar(mid, c["completeness"], yerr=[lo, hi], fmt=style, label=kind)
         c = curves[(curves["by"] == "mag") & (curves["kind"] == kind)]
         if len(c):
             ax[1].plot(0.5 * (c["lo"] + c["hi"]), c["completeness"], style, label=kind)

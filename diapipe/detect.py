@@ -255,7 +255,9 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
     # to sources) and threshold in units of the noise actually there.
     # Only when the mismatch is significant: the IQR estimate's error is ~1.17 / sqrt(N_eff),
     # N_eff = independent samples (nu is correlated over ~4 pi sigma_PSF^2 pixels).
-    fwhm = diffexp.psf.fwhm(0.5 * (nx - 1), 0.5 * (ny - 1))
+    from .psf import half_max_fwhm
+
+    fwhm = half_max_fwhm(diffexp.psf.image(0.5 * (nx - 1), 0.5 * (ny - 1)))  # robust to Moffat wings
     step = max(1, int(np.sqrt(valid.size / 200_000)))
     n_eff = min(n_sample, n_sample * step**2 / (4 * np.pi * (fwhm / 2.3548) ** 2))
     noise_err = 1.17 / np.sqrt(max(n_eff, 1.0))

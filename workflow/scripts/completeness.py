@@ -3,13 +3,17 @@
 from diapipe import completeness, logs
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log[0])
-completeness.run(
-    sm.input.diaSources,
-    list(sm.input.fakes),
-    {k: getattr(sm.output, k) for k in ("matched", "curves", "classes", "summary", "plot")},
-    config=dict(sm.params.fakes),
-    diffexp_paths=list(sm.input.diffexps),
-    truth_fluxes=sm.input.get("truth_fluxes"),
-    truth_sources=sm.input.get("truth_sources"),
-)
+log = logs.setup(sm.log[0])
+try:
+    completeness.run(
+        sm.input.diaSources,
+        list(sm.input.fakes),
+        {k: getattr(sm.output, k) for k in ("matched", "curves", "classes", "summary", "plot")},
+        config=dict(sm.params.fakes),
+        diffexp_paths=list(sm.input.diffexps),
+        truth_fluxes=sm.input.get("truth_fluxes"),
+        truth_sources=sm.input.get("truth_sources"),
+    )
+except Exception:
+    log.exception("failed")  # the traceback in the rule's log, not only on stderr
+    raise

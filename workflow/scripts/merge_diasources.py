@@ -3,5 +3,9 @@
 from diapipe import logs, measure
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log[0])
-measure.merge_tables(list(sm.input.tables), sm.output.diaSources)
+log = logs.setup(sm.log[0])
+try:
+    measure.merge_tables(list(sm.input.tables), sm.output.diaSources)
+except Exception:
+    log.exception("failed")  # the traceback in the rule's log, not only on stderr
+    raise
