@@ -23,6 +23,7 @@ include: "workflow/rules/fakes.smk"
 include: "workflow/rules/realbogus.smk"
 include: "workflow/rules/associate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/ds9.smk"
 
 
 rule all:

@@ -142,6 +142,7 @@ def all_targets():
     targets += realbogus_targets()
     targets += associate_targets()
     targets += [path("report")]
+    targets += ds9_targets()
     return targets
 
 
@@ -289,3 +290,11 @@ def associate_targets():
         path("association_metrics"),
         path("lightcurves"),
     ]
+
+
+# ---- ds9 (rules in ds9.smk)
+
+
+def ds9_targets():
+    """A DS9 region file of diaSources for every difference image."""
+    return [path("diaSrc_regions", visit=v, detector=d) for v, d in detect_data_ids()]
