@@ -36,13 +36,14 @@ STAGE_KEYS = [
     ("calib", "calib.clip_sigma"),  # master bias/dark/flat
     ("isr", "isr.saturation_margin"),
     ("characterize", "characterize.detection.threshold"),
-    ("warp", "warp.kernel"),
-    ("coadd", "coadd.clip_sigma"),
+    ("warp", "skymap.overlap"),  # the patch grid (make_skymap) and so every warp
+    ("warp", "warp.grid_step"),
+    ("coadd", "coadd.nsigma"),  # template outlier rejection
     ("subtract", "subtract.spatial_order"),  # the kernel's spatial variation order
     ("fakes", "fakes.n_isolated"),
     ("detect", "detect.threshold"),
     ("realbogus", "realbogus.rf_n_estimators"),
-    ("associate", "associate.match_radius_arcsec"),
+    ("associate", "associate.match_radius"),
     ("report", "report.n_cutouts"),
 ]
 
@@ -144,7 +145,7 @@ def test_unchanged_rerun_does_nothing(tiny_run):
     assert not dry_run_jobs(proc.stdout)
 
 
-@pytest.mark.parametrize("stage, key", STAGE_KEYS, ids=[s for s, _ in STAGE_KEYS])
+@pytest.mark.parametrize("stage, key", STAGE_KEYS, ids=[k for _, k in STAGE_KEYS])
 def test_changed_key_reruns_its_stage_and_downstream_only(tiny_run, dag, tmp_path, stage, key):
     stage_rules = rules_in_file(stage)
     graph, full = dag
