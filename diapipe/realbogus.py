@@ -44,7 +44,7 @@ log = logging.getLogger("diapipe.realbogus")
 
 #: Bump whenever a feature's definition changes: saved models record it and a
 #: model trained on other definitions is refused.
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 
 _SIG2FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -219,8 +219,10 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
     finite = np.isfinite(sci) & np.isfinite(ref) & np.isfinite(diff)
     good = finite.copy()
     if mask is not None:
-        bad_bits = masks.bits(*masks.BAD_PLANES)
-        good &= (mask & bad_bits) == 0
+        # Only pixels without data are left out.  BAD/SAT/CR pixels carry the very artefacts the
+        # classifier must see (the mask fractions are features of their own), and the difference
+        # image's BAD plane is grown by the matching kernel (half of a tiny-survey diffexp).
+        good &= (mask & masks.bits("EDGE", "NO_DATA")) == 0
     f["nan_frac"] = 1.0 - finite.mean(axis=(1, 2))
 
     # --- sky levels (border medians) and robust noise of each image
