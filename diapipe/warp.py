@@ -373,6 +373,7 @@ def warp_psf(sources: list[tuple[Exposure, np.ndarray]], dst_wcs: WCS, dst_shape
     gx = np.linspace(box[0], box[2] - 1, grid)
     gy = np.linspace(box[1], box[3] - 1, grid)
     px, py, stamps = [], [], []
+    maps = {}
     for yv in gy:
         for xv in gx:
             xi, yi = int(round(xv)), int(round(yv))
@@ -383,9 +384,13 @@ def warp_psf(sources: list[tuple[Exposure, np.ndarray]], dst_wcs: WCS, dst_shape
                 if d[k] > (0.5 * (box[2] - box[0]) / grid) ** 2 + (0.5 * (box[3] - box[1]) / grid) ** 2:
                     continue
                 xi, yi = int(xs_[k]), int(ys_[k])
-            for src, f in sources:
+            for si, (src, f) in enumerate(sources):
                 if f[yi, xi] and src.psf is not None:
-                    pm = PixelMap(src.wcs, dst_wcs, (xi - 2, yi - 2, xi + 3, yi + 3), grid_step=2)
+                    if si not in maps:  # one pixel map per source over the whole filled box
+                        fy, fx = np.nonzero(f)
+                        maps[si] = PixelMap(src.wcs, dst_wcs, (fx.min(), fy.min(), fx.max() + 1, fy.max() + 1),
+                                            grid_step=grid_step)
+                    pm = maps[si]
                     (xin,), (yin,) = pm(np.array([xi]), np.array([yi]))
                     jac = pm.jacobian(np.array([float(xi)]), np.array([float(yi)]))[0]
                     stamps.append(warp_psf_stamp(src.psf, float(xin), float(yin), jac, size))
