@@ -29,6 +29,8 @@ STAGE_MODULES = [
     "diapipe.completeness",
     "diapipe.realbogus",
     "diapipe.associate",
+    "diapipe.ds9",
+    "diapipe.aligned",
     "diapipe.docs",
     "diapipe.summary",
 ]
