@@ -15,4 +15,4 @@ config-doc:
 clean:
 	rm -rf results/sim results/calib results/postisr results/calexp results/warp \
 	    results/template results/diff results/realbogus results/report results/*.parquet \
-	    logs benchmarks .snakemake
+	    logs benchmarks/*/ .snakemake
