@@ -24,6 +24,7 @@ include: "workflow/rules/realbogus.smk"
 include: "workflow/rules/associate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/ds9.smk"
+include: "workflow/rules/aligned.smk"
 
 
 rule all:

@@ -60,6 +60,7 @@ DEFAULTS = {
     "min_chi2": 5.0,  # forced light-curve chi2/dof about the weighted mean
     "target_radius_px": 40.0,  # "near the pointing centre"
     "max_frames": 0,  # 0: all frames of the table
+    "max_frame_factor": 4.0,  # frames with more diaSources than this x the median are failed subtractions
     "forced_science": False,  # also measure science/template forced fluxes and cutouts (slower)
 }
 
@@ -158,6 +159,15 @@ def run_series(frames: pd.DataFrame, outdir, config: dict | None = None, title: 
     t_sub = time.perf_counter() - t0 - t_align - t_tmpl
     dia = pd.concat(tables, ignore_index=True)
     write_parquet(dia, out / "diaSources.parquet")
+    # A failed subtraction (cloud, focus, bad kernel) floods its frame with residuals of every star;
+    # such frames would make every star look variable, so they leave association and light curves.
+    n_per = dia.groupby("visit").size().reindex([int(p.stem) for p in diff_paths], fill_value=0)
+    bad_visits = set(n_per.index[(n_per > cfg["max_frame_factor"] * max(n_per.median(), 1.0)) & (n_per > 30)])
+    if bad_visits:
+        log.warning("frames with %s x the median number of diaSources left out: %s", cfg["max_frame_factor"],
+                    sorted(bad_visits))
+    diff_paths = [p for p in diff_paths if int(p.stem) not in bad_visits]
+    dia = dia[~dia["visit"].isin(bad_visits)]
     good = dia[(dia["snr"] >= cfg["min_snr"]) & ~dia[[c for c in BAD_FLAGS if c in dia]].any(axis=1)]
     sel = asc.select_sources(good)
     srcs, objs = asc.associate(sel, float(cfg["associate_radius"]))
@@ -198,7 +208,8 @@ def run_series(frames: pd.DataFrame, outdir, config: dict | None = None, title: 
                  n_lightcurves=8)
     ok = al_tab[al_tab.get("rms_px", pd.Series(dtype=float)).notna()] if "rms_px" in al_tab else al_tab.iloc[:0]
     ok = ok[ok["frame"] != ok["reference"]] if len(ok) else ok
-    summary = {"frames": len(frames), "aligned": len(aligned), "subtracted": len(diff_paths),
+    summary = {"frames": len(frames), "aligned": len(aligned), "subtracted": len(tables),
+               "frames_rejected": sorted(int(v) for v in bad_visits),
                "align_rms_px_median": float(ok["rms_px"].median()) if len(ok) else None,
                "align_rms_px_p90": float(ok["rms_px"].quantile(0.9)) if len(ok) else None,
                "template_frames": template.metadata.get("FRAMES"),
@@ -234,7 +245,7 @@ def add_cli(subparsers) -> None:
 def _cli_run(args) -> int:
     from . import config as dpconfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     cfg = dpconfig.load(*(args.config or ["config/config.yaml", "config/saao.yaml"]))
     frames = pd.read_csv(args.frames or cfg["inputs"]["exposures"], sep="\t")
     settings = dict(cfg.get("aligned", {}))
