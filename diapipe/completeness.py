@@ -82,6 +82,7 @@ def add_diff_snr(fakes: pd.DataFrame, diffexps: dict, dia: pd.DataFrame | None =
     """
     from .fakes import optimal_snr_unit
     from .measure import _Pixels
+    from .psf import half_max_fwhm
 
     pixels = {k: _Pixels(e) for k, e in diffexps.items()}
     snr = np.full(len(fakes), np.nan)
@@ -92,7 +93,7 @@ def add_diff_snr(fakes: pd.DataFrame, diffexps: dict, dia: pd.DataFrame | None =
         if e is None or e.psf is None:
             continue
         snr[k] = flux * optimal_snr_unit(e, x, y, pixels[(int(v), int(d))])
-        fwhm[k] = e.psf.fwhm(x, y)
+        fwhm[k] = half_max_fwhm(e.psf.image(x, y))  # robust to Moffat wings
     out = fakes.copy()
     scale = np.ones(len(fakes))
     if dia is not None and len(dia) and "noiseScale" in dia:
