@@ -55,18 +55,24 @@ def chord(radius_arcsec: float) -> float:
 
 
 def select_sources(dia: pd.DataFrame, reliability_min: float | None = None,
-                   exclude_injected: bool = True) -> pd.DataFrame:
+                   exclude_injected: bool = True, fake_ids=None) -> pd.DataFrame:
     """The diaSources to associate: reliable, finite positions, no injected fakes.
 
     ``reliability_min`` None uses the model's own cut (``isReliable``); without a
-    reliability column every diaSource is kept (unscored runs).
+    reliability column every diaSource is kept (unscored runs).  Fakes are the
+    diaSources the completeness analysis matched to a fake (``fake_ids``) when
+    given, else those with INJECTED pixels in their centre
+    (``pixelFlags_injectedCenter``, which also hits real transients that
+    happen to sit on a fake, e.g. at a shared host's centre).
     """
     keep = np.isfinite(dia["ra"].to_numpy(float)) & np.isfinite(dia["dec"].to_numpy(float))
     if reliability_min is not None and "reliability" in dia:
         keep &= dia["reliability"].to_numpy(float) >= reliability_min
     elif "isReliable" in dia:
         keep &= dia["isReliable"].to_numpy(bool)
-    if exclude_injected and "pixelFlags_injectedCenter" in dia:
+    if exclude_injected and fake_ids is not None:
+        keep &= ~dia["diaSourceId"].isin(set(np.asarray(fake_ids, np.int64))).to_numpy()
+    elif exclude_injected and "pixelFlags_injectedCenter" in dia:
         keep &= ~dia["pixelFlags_injectedCenter"].to_numpy(bool)
     return dia.loc[keep].copy()
 
@@ -196,8 +202,11 @@ def object_table(dia: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_associate(dia_path, objects_out, sources_out=None, match_radius: float = 1.0,
-                  reliability_min: float | None = None, exclude_injected: bool = True):
-    """File-level: scored diaSources (Parquet) -> diaObjects (and associated diaSources) Parquet."""
+                  reliability_min: float | None = None, exclude_injected: bool = True, fakes_path=None):
+    """File-level: scored diaSources (Parquet) -> diaObjects (and associated diaSources) Parquet.
+
+    ``fakes_path``: the completeness analysis' matched fakes (column diaSourceId, -1 if missed).
+    """
     try:
         dia = pd.read_parquet(dia_path)
     except Exception as exc:  # noqa: BLE001 - a clear message instead of a pyarrow traceback
@@ -205,7 +214,11 @@ def run_associate(dia_path, objects_out, sources_out=None, match_radius: float =
     missing = [c for c in ("diaSourceId", "visit", "ra", "dec") if c not in dia]
     if missing:
         raise DiapipeError(f"diaSources lack columns {missing}", dia_path)
-    sel = select_sources(dia, reliability_min, exclude_injected)
+    fake_ids = None
+    if fakes_path:
+        f = pd.read_parquet(fakes_path)
+        fake_ids = f.loc[f["diaSourceId"] >= 0, "diaSourceId"].to_numpy(np.int64) if len(f) else []
+    sel = select_sources(dia, reliability_min, exclude_injected, fake_ids)
     log.info("associating %d of %d diaSources (match radius %.2f arcsec)", len(sel), len(dia), match_radius)
     srcs, objs = associate(sel, match_radius)
     log.info("%d diaObjects, %d with more than one diaSource", len(objs), int((objs["nDiaSources"] > 1).sum()))
@@ -216,14 +229,44 @@ def run_associate(dia_path, objects_out, sources_out=None, match_radius: float =
 
 
 # ------------------------------------------------------------------ forced photometry
+def remove_fakes(diffexp: Exposure, fakes: pd.DataFrame) -> Exposure:
+    """A copy of the diffexp with the injected fakes' PSF models (flux in e-) subtracted.
+
+    Fakes are injected into the science calexp before subtraction, so they sit
+    in the diffexp as point sources of the diffexp's PSF; a fake near a real
+    object (e.g. both at a host galaxy's centre) would otherwise add its flux
+    to the object's forced photometry.
+    """
+    from .measure import _ShiftablePsf
+
+    out = diffexp.copy()
+    img = out.image
+    ny, nx = img.shape
+    for x, y, f in zip(fakes["x"].to_numpy(float), fakes["y"].to_numpy(float), fakes["flux"].to_numpy(float)):
+        if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(f)):
+            continue
+        sp = _ShiftablePsf(diffexp.psf.image(x, y))
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        p = sp.shifted(x - ix, y - iy)
+        h = sp.half
+        y0, x0 = iy - h, ix - h
+        ya, yb, xa, xb = max(0, y0), min(ny, y0 + p.shape[0]), max(0, x0), min(nx, x0 + p.shape[1])
+        if ya < yb and xa < xb:
+            img[ya:yb, xa:xb] -= f * p[ya - y0: yb - y0, xa - x0: xb - x0]
+    return out
+
+
 def forced_photometry(diffexp: Exposure, objects: pd.DataFrame, sources: pd.DataFrame | None = None,
-                      margin: int = 0) -> pd.DataFrame:
+                      margin: int = 0, fakes: pd.DataFrame | None = None) -> pd.DataFrame:
     """PSF fluxes (nJy) at every diaObject position on one difference image.
 
     Objects whose position falls outside the image (by more than ``margin``
     pixels inside) are skipped.  ``detected`` is True where a diaSource of
-    that object is in this visit and detector.
+    that object is in this visit and detector.  ``fakes`` (the exposure's
+    fakes table: x, y, flux in e-) are subtracted first (remove_fakes).
     """
+    if fakes is not None and len(fakes) and diffexp.psf is not None:
+        diffexp = remove_fakes(diffexp, fakes)
     from .measure import _Pixels, midpoint_mjd, nJy_per_electron, psf_fit
 
     meta = diffexp.metadata
@@ -257,12 +300,16 @@ def forced_photometry(diffexp: Exposure, objects: pd.DataFrame, sources: pd.Data
     return pd.DataFrame(rows, columns=LIGHTCURVE_COLUMNS)
 
 
-def run_forced(diffexp_paths, objects_path, output, sources_path=None) -> pd.DataFrame:
-    """File-level: forced photometry of every diaObject on every difference image -> light curves Parquet."""
+def run_forced(diffexp_paths, objects_path, output, sources_path=None, fakes_paths=None) -> pd.DataFrame:
+    """File-level: forced photometry of every diaObject on every difference image -> light curves Parquet.
+
+    ``fakes_paths``: the fakes table of each difference image (same order), subtracted before fitting.
+    """
     objects = pd.read_parquet(objects_path)
     sources = pd.read_parquet(sources_path) if sources_path else None
     parts = []
-    for p in diffexp_paths:
+    fakes_paths = list(fakes_paths) if fakes_paths else [None] * len(diffexp_paths)
+    for p, fp in zip(diffexp_paths, fakes_paths):
         try:
             exp = Exposure.read(p)
         except DiapipeError:
@@ -270,7 +317,8 @@ def run_forced(diffexp_paths, objects_path, output, sources_path=None) -> pd.Dat
         except Exception as exc:  # noqa: BLE001
             raise DiapipeError(f"cannot read difference image: {exc}", p) from None
         try:
-            parts.append(forced_photometry(exp, objects, sources))
+            fakes = pd.read_parquet(fp) if fp else None
+            parts.append(forced_photometry(exp, objects, sources, fakes=fakes))
         except DiapipeError as exc:
             raise DiapipeError(str(exc), p) from None
     lc = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in LIGHTCURVE_COLUMNS})

@@ -10,6 +10,7 @@ rule associate:
     """diaSources above the reliability threshold -> diaObjects (diaObjectId on each diaSource)."""
     input:
         unpack(fakes_truth_inputs),
+        unpack(associate_fakes_input),
         diaSources=path("diaSources_scored"),
     output:
         diaObjects=path("diaObjects"),
@@ -34,6 +35,7 @@ rule associate:
 rule forced_photometry:
     """PSF flux at every diaObject position on every difference image -> light curves."""
     input:
+        unpack(forced_fakes_inputs),
         diaObjects=path("diaObjects"),
         diaSources=path("diaSources_associated"),
         diffexps=[path("diffexp", visit=v, detector=d) for v, d in detect_data_ids()],

@@ -286,6 +286,18 @@ def realbogus_targets():
 # ---- associate (rules in associate.smk)
 
 
+def associate_fakes_input(wildcards=None):
+    """The fakes the completeness analysis matched (left out of association), when fakes are injected."""
+    return {"fakes": path("completeness_fakes")} if config["fakes"]["enabled"] else {}
+
+
+def forced_fakes_inputs(wildcards=None):
+    """Each diffexp's fakes table (same order), subtracted before forced photometry."""
+    if not config["fakes"]["enabled"]:
+        return {}
+    return {"fakes": [path("fakes", visit=v, detector=d) for v, d in detect_data_ids()]}
+
+
 def associate_targets():
     return [
         path("diaObjects"),

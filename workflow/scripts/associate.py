@@ -12,7 +12,8 @@ log = logs.setup(sm.log[0])
 cfg = sm.params.associate
 try:
     srcs, objs = associate.run_associate(sm.input.diaSources, sm.output.diaObjects, sm.output.diaSources,
-                                         cfg["match_radius"], cfg["reliability_min"], cfg["exclude_fakes"])
+                                         cfg["match_radius"], cfg["reliability_min"], cfg["exclude_fakes"],
+                                         fakes_path=sm.input.fakes if "fakes" in sm.input.keys() else None)
     metrics = {"n_diaSources_associated": int(len(srcs)), "n_diaObjects": int(len(objs))}
     if "truth_fluxes" in sm.input.keys():
         metrics.update(associate.association_metrics(srcs, pd.read_parquet(sm.input.truth_fluxes),

@@ -7,7 +7,7 @@ sm = snakemake  # noqa: F821
 log = logs.setup(sm.log[0])
 try:
     associate.run_forced(list(sm.input.diffexps), sm.input.diaObjects, sm.output.lightcurves,
-                         sm.input.diaSources)
+                         sm.input.diaSources, list(sm.input.fakes) if "fakes" in sm.input.keys() else None)
 except DiapipeError as exc:
     log.error("%s", exc)
     raise SystemExit(1)
