@@ -296,8 +296,9 @@ def _write_survey_products(root: Path, visits, detector=0, per_visit=90, seed=5)
     from diapipe.config import load_schema
 
     b = Butler(load_schema()["properties"]["datasets"]["default"], root=root)
-    # 41-pixel stamps reach 4 FWHM for every synthetic seeing (<= 5 px), so the features use them as given
-    cut, tab = make_synthetic(len(visits), per_visit, seed=seed, size=41, first_visit=min(visits))
+    # 45-pixel stamps reach 4 FWHM for every synthetic seeing (<= 5 px, measured <= 5.4), so the features
+    # use them as given rather than re-cutting the stand-in exposures
+    cut, tab = make_synthetic(len(visits), per_visit, seed=seed, size=45, first_visit=min(visits))
     dia_all, classes = [], []
     for v, grp in tab.groupby("visit"):
         i = grp.index.to_numpy()
