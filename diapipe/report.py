@@ -239,4 +239,5 @@ def build(out, *, calexps: dict, cutouts: dict, dia_scored=None, dia_associated=
     parts.append("</body></html>")
     text = "\n".join(parts)
     write_text(text, out)
+    Path(out).chmod(0o644)  # mkstemp files are 0600; the report is for reading
     return text
