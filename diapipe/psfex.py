@@ -31,6 +31,13 @@ LANCZOS_A = 3
 WEIGHT_CAP_PERCENTILE = 100
 PIXEL_WEIGHTS = False
 STAR_ACCURACY = 0.0
+# Spatial variation: "shape" = mean pixel image whose FWHM, e1, e2 vary as
+# polynomials (fit_shape_psf); "pixel" = every pixel its own polynomial.
+# "auto": "pixel" from PIXEL_MODEL_MIN_STARS stars on, else "shape".
+SPATIAL_MODEL = "auto"
+PIXEL_MODEL_MIN_STARS = 100
+# accuracy floor (fractional size change, and shear) of one star's size/shape estimate
+SHAPE_FLOOR = 0.005
 
 
 def lanczos_weights(s: np.ndarray, a: int = LANCZOS_A) -> np.ndarray:
@@ -127,6 +134,153 @@ def fit_pixel_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.
     return PixelPsf(coef.T.reshape(nterms, h, w), order=order, x0=x0, y0=y0, sx=sx, sy=sy)
 
 
+def _deriv(img: np.ndarray, axis: int) -> np.ndarray:
+    """Fourth-order central difference d img / d(pixel) along ``axis`` (zero beyond the stamp)."""
+    p = np.pad(img, 2)
+    sl = lambda k: p[2 + k : p.shape[0] - 2 + k, 2:-2] if axis == 0 else p[2:-2, 2 + k : p.shape[1] - 2 + k]  # noqa: E731
+    return (-sl(2) + 8 * sl(1) - 8 * sl(-1) + sl(-2)) / 12.0
+
+
+def shape_generators(psf0: np.ndarray) -> np.ndarray:
+    """Images (3, H, W) of the first-order changes of a centred PSF image under a
+    dilation (FWHM x (1 + s)), and the two area-preserving shears (e1, e2).
+
+    Each sums to zero, so a model ``psf0 + sum_k c_k G_k`` keeps its unit sum.
+    """
+    h, w = psf0.shape
+    yy, xx = np.mgrid[:h, :w]
+    xx = xx - w // 2
+    yy = yy - h // 2
+    dx, dy = _deriv(psf0, 1), _deriv(psf0, 0)
+    dil = -(2 * psf0 + xx * dx + yy * dy)
+    g1 = -(xx * dx - yy * dy)
+    g2 = -(yy * dx + xx * dy)
+    return np.stack([dil, g1, g2])
+
+
+def fit_shape_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray,
+                  order: int, x0: float, y0: float, sx: float, sy: float, n_iter: int = 3,
+                  clip: float = 3.0) -> PixelPsf:
+    """Weighted fit of a PixelPsf whose spatial variation is a change of size and shape only.
+
+    The constant term is a free pixel image (the mean PSF); the higher polynomial
+    terms are restricted to combinations of its dilation and shear generators
+    (``shape_generators``), i.e. the FWHM, e1 and e2 vary as polynomials of
+    ``order`` across the detector.  3 x (nterms - 1) numbers instead of
+    (nterms - 1) x H x W: a sparse field (tens of stars) constrains them, where the
+    free pixel basis is noise limited at the corners.  The result is an ordinary
+    PixelPsf (components = polynomial coefficient images).
+    """
+    nterms = len(poly_terms(order))
+    n, h, w = stamps.shape
+    d = stamps.reshape(n, -1)
+    wp = np.broadcast_to(weights[:, None, None] if np.ndim(weights) == 1 else weights, (n, h, w)).reshape(n, -1)
+    wsum = np.maximum(wp.sum(axis=0), 1e-300)
+    psf0 = (wp * d).sum(axis=0) / wsum
+    comps = np.zeros((nterms, h * w))
+    t = poly_design(x, y, order, x0, y0, sx, sy)  # (N, nterms)
+    if nterms == 1 or n < 2:
+        return PixelPsf(psf0.reshape(1, h, w), order=0, x0=x0, y0=y0, sx=sx, sy=sy)
+    for _ in range(n_iter):
+        gen = shape_generators(psf0.reshape(h, w)).reshape(3, -1)  # (K, P)
+        g = np.einsum("np,kp,lp->nkl", wp, gen, gen)
+        b = np.einsum("np,kp,np->nk", wp, gen, d - psf0)
+        g += 1e-9 * np.trace(g, axis1=1, axis2=2)[:, None, None] * np.eye(3)
+        # each star's own size and shape change (dilation, e1, e2 amplitudes) and their variances
+        cs = np.linalg.solve(g, b[..., None])[..., 0]  # (N, 3)
+        s2 = np.diagonal(np.linalg.inv(g), axis1=1, axis2=2)  # (N, 3)
+        c = _robust_poly(t, cs, s2, clip)  # (3, nterms)
+        var = np.einsum("ni,ki,kp->np", t[:, 1:], c[:, 1:], gen)
+        # the mean image with each star's predicted variation taken out: the PSF at (x0, y0)
+        psf0 = (wp * (d - var)).sum(axis=0) / wsum
+    comps[0] = psf0
+    comps[1:] = np.einsum("ki,kp->ip", c[:, 1:], gen)
+    return PixelPsf(comps.reshape(nterms, h, w), order=order, x0=x0, y0=y0, sx=sx, sy=sy)
+
+
+def _robust_poly(t: np.ndarray, vals: np.ndarray, s2: np.ndarray, clip: float) -> np.ndarray:
+    """Polynomial coefficients (K, nterms) of per-star values (N, K) with variances s2 (N, K).
+
+    Weights 1 / (s2 + intrinsic^2), the intrinsic scatter solved so that chi^2/dof = 1
+    (a few bright stars cannot decide the variation alone); a star off by more than
+    ``clip`` robust sigma in any parameter (a galaxy, a binary) is dropped.
+    """
+    n, k = vals.shape
+    m = t.shape[1]
+    keep = np.ones(n, bool)
+    s2 = np.maximum(s2, 1e-30)
+    first = True
+    s_int2 = np.zeros(k)
+    coef = np.zeros((k, m))
+    for _ in range(8):
+        for j in range(k):
+            wj = 1.0 / (s2[:, j] + s_int2[j])
+            sw = np.sqrt(wj[keep])
+            coef[j] = np.linalg.lstsq(t[keep] * sw[:, None], vals[keep, j] * sw, rcond=None)[0]
+        res = vals - t @ coef.T
+        # The variances are known up to a scale (star weights are relative): rescale
+        # them so the robust chi^2 is 1, then add an intrinsic scatter if the tails
+        # still exceed it (a few bright stars cannot decide the variation alone).
+        f = (1.4826 * np.median(np.abs(res[keep]) / np.sqrt(s2[keep]), axis=0)) ** 2
+        s2 = s2 * np.maximum(f, 1e-30)
+        if first:
+            # accuracy floor of the linearised size/shape estimates (second-order
+            # terms ~ the square of the change across the detector), as PSFEx's
+            # PSF_ACCURACY: the brightest stars must not decide the variation alone
+            s2 = s2 + SHAPE_FLOOR**2
+            first = False
+        dof = max(keep.sum() - m, 1)
+        for j in range(k):
+            r2 = res[keep, j] ** 2
+            if (r2 / s2[keep, j]).sum() <= dof:
+                s_int2[j] = 0.0
+                continue
+            lo, hi = 0.0, max(float(r2.max()), 1e-30)
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if (r2 / (s2[keep, j] + mid)).sum() > dof else (lo, mid)
+            s_int2[j] = hi
+        chi = np.abs(res) / np.sqrt(s2 + s_int2)
+        new = (chi < clip).all(axis=1)
+        if new.sum() < m + 2 or np.array_equal(new, keep):
+            break
+        keep = new
+    # Spatial model per parameter by leave-one-out cross-validation over the kept
+    # stars: with few precise stars a full quadratic extrapolates its noise to the
+    # corners.  Candidates: orders 0..order, and for the size (parameter 0) the
+    # quadratic in distance from an unknown optical axis, {1, u, v, u^2 + v^2}
+    # (defocus / field curvature of a rotationally symmetric camera, and seeing).
+    terms = [tuple(tt) for tt in poly_terms(3)][:m]
+    for j in range(k):
+        wj = (1.0 / (s2[:, j] + s_int2[j]))[keep]
+        cands = [np.eye(m)[:, : len(poly_terms(o))] for o in range(4) if len(poly_terms(o)) <= m]
+        if j == 0 and (2, 0) in terms and (0, 2) in terms:
+            radial = np.zeros((m, 4))
+            radial[:3, :3] = np.eye(3)
+            radial[terms.index((2, 0)), 3] = radial[terms.index((0, 2)), 3] = 1.0
+            if keep.sum() >= 3 * radial.shape[1]:
+                # the size always gets the optical field curvature (r^2 about the
+                # axis): lower orders would only save a parameter the physics needs
+                cands = [c_ for c_ in cands if c_.shape[1] > radial.shape[1]] + [radial]
+            else:
+                cands.append(radial)
+        best = None
+        for sel in cands:
+            if keep.sum() < sel.shape[1] + 3:
+                continue
+            a = (t[keep] @ sel) * np.sqrt(wj)[:, None]
+            bvec = vals[keep, j] * np.sqrt(wj)
+            cj, *_ = np.linalg.lstsq(a, bvec, rcond=None)
+            hat = np.einsum("ij,ji->i", a, np.linalg.pinv(a))
+            score = (((bvec - a @ cj) / np.maximum(1 - hat, 1e-3)) ** 2).sum()
+            log.debug("PSF shape param %d: %d terms, LOO score %.1f", j, sel.shape[1], score)
+            if best is None or score < best[0]:
+                best = (score, sel @ cj)
+        if best is not None:
+            coef[j] = best[1]
+    return coef
+
+
 def model_stamps(psf: PixelPsf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Unit-sum model stamps (N, size, size) centred on the central pixel, vectorised."""
     t = poly_design(x, y, psf.order, psf.x0, psf.y0, psf.sx, psf.sy)
@@ -196,7 +350,11 @@ def build_psf(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.ndar
             weights = pix_ok[used] / (svar[used] + (accuracy * profile[used]) ** 2)
         else:
             weights = star_w[used, None, None] * pix_ok[used]
-        psf = fit_pixel_psf(stamps[used], x[used], y[used], weights, k, *geom)
+        # A free pixel basis where the stars can constrain it; where they are few, only
+        # the size and shape vary (the pixel basis is then noise limited at the corners)
+        shape = SPATIAL_MODEL == "shape" or (SPATIAL_MODEL == "auto" and used.sum() < PIXEL_MODEL_MIN_STARS)
+        fit = fit_shape_psf if shape else fit_pixel_psf
+        psf = fit(stamps[used], x[used], y[used], weights, k, *geom)
         if k < order:
             psf = _promote(psf, order)
         model = model_stamps(psf, x, y)
