@@ -30,6 +30,9 @@ from scipy.spatial import cKDTree
 log = logging.getLogger(__name__)
 
 MAS_PER_DEG = 3.6e6
+# With fewer matches than this the distortion is fitted as radial about an unknown
+# axis (fit_tan_radial, 3 parameters) instead of a free SIP polynomial.
+RADIAL_BELOW = 80
 
 
 class AstrometryError(RuntimeError):
@@ -189,6 +192,72 @@ def fit_tan_sip(x, y, ra, dec, crpix0, crval, order: int = 3, weights=None, n_it
     return w
 
 
+def _radial_basis(u, v):
+    """Pixel-space displacement fields (3, 2, N) of a radial cubic distortion about an
+    unknown optical axis, r' = r (1 + k |r - c|^2): the k term and its two first-order
+    axis-offset terms (constant and linear parts belong to CRVAL and the CD matrix)."""
+    r2 = u * u + v * v
+    return np.stack([
+        np.stack([r2 * u, r2 * v]),
+        np.stack([-(3 * u * u + v * v), -2 * u * v]),
+        np.stack([-2 * u * v, -(u * u + 3 * v * v)]),
+    ])
+
+
+def fit_tan_radial(x, y, ra, dec, crpix0, crval, weights=None, n_iter: int = 3) -> WCS:
+    """TAN WCS plus a radial cubic distortion about an unknown axis, written as SIP order 3.
+
+    The distortion of a rotationally symmetric camera (Seidel distortion) has
+    3 free numbers instead of the 14 of a general cubic SIP: a sparse field
+    (tens of stars) constrains it to the corners, where a free cubic extrapolates
+    its noise.  The CD matrix, CRVAL and the distortion are one weighted linear fit
+    of (xi, eta) (the pixel-space basis is mapped through a first-pass CD matrix).
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    u, v = x - crpix0[0], y - crpix0[1]
+    scale = max(np.abs(u).max(), np.abs(v).max(), 1.0)
+    w1 = fit_tan_sip(x, y, ra, dec, crpix0, crval, order=1, weights=weights)
+    cd0 = w1.wcs.cd
+    ra0, dec0 = w1.wcs.crval
+    us, vs = u / scale, v / scale
+    basis = _radial_basis(us, vs)  # (3, 2, N), scaled pixel units
+    mapped = np.einsum("ij,kjn->kin", cd0, basis) * scale  # (3, 2, N) degrees
+    n = len(x)
+    one, zero = np.ones(n), np.zeros(n)
+    a_xi = np.column_stack([one, us, vs, zero, zero, zero, mapped[:, 0, :].T])
+    a_eta = np.column_stack([zero, zero, zero, one, us, vs, mapped[:, 1, :].T])
+    a_mat = np.vstack([a_xi, a_eta])
+    sw = np.sqrt(np.ones(n) if weights is None else np.asarray(weights, float))
+    sw2 = np.concatenate([sw, sw])
+    for _ in range(n_iter):
+        xi, eta = gnomonic(ra, dec, ra0, dec0)
+        c, *_ = np.linalg.lstsq(a_mat * sw2[:, None], np.concatenate([xi, eta]) * sw2, rcond=None)
+        ra0, dec0 = inverse_gnomonic(c[0], c[3], ra0, dec0)
+    cd = np.array([[c[1], c[2]], [c[4], c[5]]]) / scale
+    # pixel-space distortion under the final CD: D = CD^-1 CD0 sum_k c_k B_k, a cubic polynomial
+    g = np.linspace(-1, 1, 9)
+    gu, gv = (a.ravel() for a in np.meshgrid(g, g))
+    dpix = np.linalg.inv(cd) @ cd0 @ np.einsum("k,kjn->jn", c[6:], _radial_basis(gu, gv)) * scale
+    terms = _terms(3, 2)
+    design = _design(gu * scale, gv * scale, terms, scale)
+    ca, *_ = np.linalg.lstsq(design, dpix[0], rcond=None)
+    cb, *_ = np.linalg.lstsq(design, dpix[1], rcond=None)
+    a = np.zeros((4, 4))
+    b = np.zeros((4, 4))
+    for k, (p, q) in enumerate(terms):
+        a[p, q] = ca[k] / scale ** (p + q)
+        b[p, q] = cb[k] / scale ** (p + q)
+    ap, bp = _inverse_sip(a, b, 3, u, v)
+    w = WCS(naxis=2)
+    w.wcs.crpix = [crpix0[0] + 1, crpix0[1] + 1]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.cd = cd
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    w.sip = Sip(a, b, ap, bp, w.wcs.crpix)
+    w.wcs.set()
+    return w
+
+
 def _inverse_sip(a, b, order, u, v):
     """Fit AP, BP (order + 1) so world->pixel needs no iteration; over the fitted area."""
     inv_order = order + 1
@@ -296,8 +365,13 @@ def solve(x, y, flux, usable, ref_ra, ref_dec, ref_mag, ref_err_mas, rough_wcs: 
         wts = 1.0 / var_mas2
         sel = np.ones(len(si), bool)
         for _ in range(5):  # clip within this match set
-            wcs = fit_tan_sip(x[si[sel]], y[si[sel]], ref_ra[ri[sel]], ref_dec[ri[sel]], crpix0, crval,
-                              order=fit_order, weights=wts[sel])
+            if RADIAL_BELOW and sel.sum() < RADIAL_BELOW and fit_order >= 2:
+                # few matches: the camera's radial distortion (3 numbers), not a free cubic
+                wcs = fit_tan_radial(x[si[sel]], y[si[sel]], ref_ra[ri[sel]], ref_dec[ri[sel]], crpix0, crval,
+                                     weights=wts[sel])
+            else:
+                wcs = fit_tan_sip(x[si[sel]], y[si[sel]], ref_ra[ri[sel]], ref_dec[ri[sel]], crpix0, crval,
+                                  order=fit_order, weights=wts[sel])
             crval = wcs.wcs.crval
             fra, fdec = wcs.all_pix2world(x[si], y[si], 0)
             da, dd = sky_offset_mas(fra, fdec, ref_ra[ri], ref_dec[ri])
