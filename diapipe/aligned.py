@@ -58,7 +58,7 @@ DEFAULTS = {
     "associate_radius": 1.5,  # arcsec on the placeholder 0.31"/px grid (~5 px)
     "min_detections": 5,  # frames a variable must be detected in
     "min_chi2": 5.0,  # forced light-curve chi2/dof about the weighted mean
-    "target_radius_px": 40.0,  # "near the pointing centre"
+    "target_radius_px": 80.0,  # "near the pointing centre" (frames are offset by up to ~140 px)
     "max_frames": 0,  # 0: all frames of the table
     "max_frame_factor": 4.0,  # frames with more diaSources than this x the median are failed subtractions
     "forced_science": False,  # also measure science/template forced fluxes and cutouts (slower)
@@ -95,6 +95,31 @@ def _variability(lc: pd.DataFrame) -> pd.DataFrame:
         out.append({"diaObjectId": oid, "nForced": len(f), "chi2dof": chi2,
                     "amplitude": float(np.percentile(f, 95) - np.percentile(f, 5))})
     return pd.DataFrame(out, columns=["diaObjectId", "nForced", "chi2dof", "amplitude"])
+
+
+def pick_target(var: pd.DataFrame, lc: pd.DataFrame, shape, radius_px: float) -> dict:
+    """The most variable diaObject within ``radius_px`` of the reference frame centre (the pointing).
+
+    "Most variable" = detected in the most frames (ties: larger chi2/dof).  chi2/dof alone
+    is ruled by residuals of bright, saturated stars whose PSF-fit errors are far too
+    small; a real variable is instead found again and again at one place.
+    """
+    cy, cx = (np.array(shape) - 1) / 2.0
+    d = np.hypot(var["x"] - cx, var["y"] - cy)
+    near = var[var["isVariable"] & (d <= radius_px)]
+    if not len(near):
+        return {}
+    t = near.sort_values(["nDiaSources", "chi2dof"], ascending=False).iloc[0]
+    pts = lc[lc["diaObjectId"] == t["diaObjectId"]].sort_values("midpointMjdTai")
+    f = pts["psfFlux"].to_numpy(float)
+    ipk, imn = int(np.nanargmax(f)), int(np.nanargmin(f))
+    return {"diaObjectId": int(t["diaObjectId"]), "x": float(t["x"]), "y": float(t["y"]),
+            "distance_from_centre_px": float(np.hypot(t["x"] - cx, t["y"] - cy)),
+            "nDiaSources": int(t["nDiaSources"]), "nForced": int(len(pts)), "chi2dof": float(t["chi2dof"]),
+            "max_mjd": float(pts["midpointMjdTai"].iloc[ipk]), "max_flux_nJy": float(f[ipk]),
+            "min_mjd": float(pts["midpointMjdTai"].iloc[imn]), "min_flux_nJy": float(f[imn]),
+            "median_flux_nJy": float(np.nanmedian(f)),
+            "first_mjd": float(pts["midpointMjdTai"].min()), "last_mjd": float(pts["midpointMjdTai"].max())}
 
 
 def run_series(frames: pd.DataFrame, outdir, config: dict | None = None, title: str = "aligned series") -> dict:
@@ -175,26 +200,23 @@ def run_series(frames: pd.DataFrame, outdir, config: dict | None = None, title: 
     write_parquet(objs, out / "diaObjects.parquet")
     lc = asc.run_forced(diff_paths, out / "diaObjects.parquet", out / "lightcurves.parquet",
                         out / "diaSources_associated.parquet")
+    # A frame whose forced fluxes are off for most objects (transparency or kernel failure that the
+    # diaSource count missed) is dropped from the light curves too: median |psfFlux / psfFluxErr| per frame.
+    z = (lc["psfFlux"] / lc["psfFluxErr"]).abs().groupby(lc["visit"]).median()
+    bad_lc = set(z.index[z > cfg["max_frame_factor"] * max(float(z.median()), 1.0)])
+    if bad_lc:
+        log.warning("frames with forced |S/N| > %s x the median left out of the light curves: %s",
+                    cfg["max_frame_factor"], sorted(bad_lc))
+        bad_visits |= bad_lc
+        lc = lc[~lc["visit"].isin(bad_lc)].reset_index(drop=True)
+        write_parquet(lc, out / "lightcurves.parquet")
     var = objs.merge(_variability(lc), on="diaObjectId", how="left")
     # object pixel positions on the reference grid (from the placeholder WCS)
     x, y = wcs.all_world2pix(var["ra"].to_numpy(float), var["dec"].to_numpy(float), 0)
     var["x"], var["y"] = x, y
     var["isVariable"] = (var["nDiaSources"] >= cfg["min_detections"]) & (var["chi2dof"] >= cfg["min_chi2"])
     write_parquet(var, out / "variables.parquet")
-    cy, cx = (np.array(template.shape) - 1) / 2.0
-    near = var[var["isVariable"] & (np.hypot(var["x"] - cx, var["y"] - cy) <= cfg["target_radius_px"])]
-    target = {}
-    if len(near):
-        t = near.sort_values("chi2dof", ascending=False).iloc[0]
-        pts = lc[lc["diaObjectId"] == t["diaObjectId"]].sort_values("midpointMjdTai")
-        f = pts["psfFlux"].to_numpy(float)
-        ipk = int(np.nanargmax(f))
-        target = {"diaObjectId": int(t["diaObjectId"]), "x": float(t["x"]), "y": float(t["y"]),
-                  "distance_from_centre_px": float(np.hypot(t["x"] - cx, t["y"] - cy)),
-                  "nDiaSources": int(t["nDiaSources"]), "chi2dof": float(t["chi2dof"]),
-                  "peak_mjd": float(pts["midpointMjdTai"].iloc[ipk]), "peak_flux_nJy": float(f[ipk]),
-                  "min_flux_nJy": float(np.nanmin(f)), "median_flux_nJy": float(np.nanmedian(f)),
-                  "first_mjd": float(pts["midpointMjdTai"].min()), "last_mjd": float(pts["midpointMjdTai"].max())}
+    target = pick_target(var, lc, template.shape, cfg["target_radius_px"])
     write_text(json.dumps(target, indent=1) + "\n", out / "target.json")
     # report: the variables' light curves, the target among them
     show = var[var["isVariable"]].sort_values("chi2dof", ascending=False)
