@@ -134,7 +134,13 @@ def gallery(dia: pd.DataFrame, cutout_paths: dict, n: int = 12) -> str:
             ax.set_xticks([]), ax.set_yticks([])
         fig.suptitle(f"diaSource {r.diaSourceId}  R={r.reliability:.2f}  S/N={getattr(r, 'snr', np.nan):.1f}",
                      fontsize=7)
-        cells.append(f"<div class='cell'>{_png_tag(_fig_png(fig), f'cutouts {r.diaSourceId}')}</div>")
+        caption = html.escape(
+            f"diaSource {r.diaSourceId} · reliability {r.reliability:.2f} · S/N {getattr(r, 'snr', np.nan):.1f}"
+        )
+        cells.append(
+            f"<div class='cell'>{_png_tag(_fig_png(fig), f'cutouts {r.diaSourceId}')}"
+            f"<br><small>{caption}</small></div>"
+        )
     return "<div class='gallery'>" + "".join(cells) + "</div>" if cells else "<p>No cutouts.</p>"
 
 

