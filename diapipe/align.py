@@ -462,10 +462,3 @@ def _cli(args) -> int:
     if args.template:
         build_template(aligned, args.n_best).write(args.template)
     return 0
-
-
-def main(argv=None):  # pragma: no cover
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)

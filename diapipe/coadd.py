@@ -492,10 +492,3 @@ def _cli_template(args) -> int:
     t = template_for(cx, [Exposure.read(p) for p in args.coadds], path=args.calexp)
     t.write(args.output)
     return 0
-
-
-def main(argv=None):  # pragma: no cover
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)

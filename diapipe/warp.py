@@ -536,10 +536,3 @@ def _cli(args) -> int:
     w = warp_to_patch(cx, sm, args.patch, paths=args.calexps, mask_kernel=args.mask_kernel, psf_order=args.psf_order)
     w.write(args.output)
     return 0
-
-
-def main(argv=None):  # pragma: no cover
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
