@@ -24,7 +24,6 @@ KB13475 series): every frame is registered to a reference frame by its stars.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass, field

@@ -26,7 +26,6 @@ mean of the warped PSFs over the visits that contribute there.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import numpy as np

@@ -27,7 +27,6 @@ which is accurate to < 1e-4 px for smooth distortions and ~50x faster.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import warnings
 
