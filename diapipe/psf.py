@@ -76,8 +76,8 @@ class PixelPsf:
         return img / s if s != 0 else img
 
     def fwhm(self, x: float, y: float) -> float:
-        """FWHM in pixels at (x, y), from the second moments (Gaussian-equivalent)."""
-        return moments_fwhm(self.image(x, y))
+        """FWHM in pixels at (x, y): half-maximum area of the upsampled core (see ``spline_fwhm``)."""
+        return spline_fwhm(self.image(x, y))
 
     def to_hdu(self) -> fits.ImageHDU:
         hdu = fits.ImageHDU(self.components.astype(np.float32), name="PSF")
@@ -121,6 +121,24 @@ def moments_fwhm(stamp: np.ndarray) -> float:
     ixx = (w * (x - xc) ** 2).sum() / s
     iyy = (w * (y - yc) ** 2).sum() / s
     return float(2.3548 * np.sqrt(0.5 * (ixx + iyy)))
+
+
+def spline_fwhm(stamp: np.ndarray, zoom: int = 8) -> float:
+    """FWHM (pixels) of a centred PSF stamp: area above half maximum of a cubic-spline
+    upsampling, as the diameter of the circle of that area (geometric-mean FWHM
+    for an elliptical PSF).  Robust to Moffat wings (second moments are not: they
+    give ~1.9x the core width for the simulated PSF) and smooth in the PSF width,
+    unlike pixel counting."""
+    from scipy import ndimage
+
+    stamp = np.asarray(stamp, float)
+    c = stamp.shape[0] // 2
+    # only the core matters; a small window keeps the upsampling cheap
+    h = min(c, 12)
+    core = stamp[c - h : c + h + 1, c - h : c + h + 1]
+    up = ndimage.zoom(core, zoom, order=3, mode="nearest", grid_mode=True)
+    area = np.count_nonzero(up >= 0.5 * up.max()) / zoom**2
+    return float(np.sqrt(4 * area / np.pi))
 
 
 def half_max_fwhm(stamp: np.ndarray) -> float:

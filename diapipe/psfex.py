@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .psf import PixelPsf, poly_design, poly_terms
+from .psf import spline_fwhm as fwhm  # noqa: F401 - psfex.fwhm is the name callers use
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +90,6 @@ def cut_stamps(image: np.ndarray, x: np.ndarray, y: np.ndarray, half: int):
         xx = ix[ok, None, None] + off[None, None, :]
         out[ok] = image[yy, xx]
     return out, ix, iy, ok
-
-
-def fwhm(stamp: np.ndarray, zoom: int = 8) -> float:
-    """FWHM (pixels) of a centred PSF stamp: area above half maximum of a cubic-spline
-    upsampling, as the diameter of the circle of that area (geometric-mean FWHM
-    for an elliptical PSF).  Smooth in the PSF width, unlike pixel counting."""
-    stamp = np.asarray(stamp, float)
-    n = stamp.shape[0]
-    c = n // 2
-    # only the core matters; a small window keeps the upsampling cheap
-    h = min(c, 12)
-    core = stamp[c - h : c + h + 1, c - h : c + h + 1]
-    up = ndimage.zoom(core, zoom, order=3, mode="nearest", grid_mode=True)
-    area = np.count_nonzero(up >= 0.5 * up.max()) / zoom**2
-    return float(np.sqrt(4 * area / np.pi))
 
 
 def fit_pixel_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray,
