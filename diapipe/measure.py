@@ -451,9 +451,9 @@ def weighted_moments(pix: _Pixels, x, y, sigma_w, sign=1.0):
     return float(mm[0, 0]), float(mm[1, 1]), float(mm[0, 1])
 
 
-def _cutout(arr, x, y, size):
-    """size x size float32 cutout centred on the pixel nearest (x, y), NaN off the image."""
-    out = np.full((size, size), np.nan, np.float32)
+def _cutout(arr, x, y, size, fill=np.nan, dtype=np.float32):
+    """size x size cutout centred on the pixel nearest (x, y), ``fill`` (NaN) off the image."""
+    out = np.full((size, size), fill, dtype)
     if arr is None:
         return out
     h = size // 2

@@ -921,16 +921,10 @@ REAL_CLASSES = ("fake", "transient", "variable", "mover")
 
 
 def _cut(arr, x, y, size, fill=np.nan, dtype=np.float32):
-    """size x size cutout centred on the pixel nearest (x, y) (as diapipe.measure cuts), ``fill`` off the image."""
-    out = np.full((size, size), fill, dtype)
-    h = size // 2
-    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    ny, nx = arr.shape
-    y0, x0 = iy - h, ix - h
-    ya, yb, xa, xb = max(0, y0), min(ny, y0 + size), max(0, x0), min(nx, x0 + size)
-    if ya < yb and xa < xb:
-        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = arr[ya:yb, xa:xb]
-    return out
+    """size x size cutout centred on the pixel nearest (x, y), as diapipe.measure cuts them."""
+    from .measure import _cutout
+
+    return _cutout(arr, x, y, size, fill=fill, dtype=dtype)
 
 
 def _pixel_scale_arcsec(exposure) -> float:
