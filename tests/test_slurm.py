@@ -12,6 +12,7 @@ wait forever and ignore SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -68,6 +69,13 @@ def cluster():
     yield
     if started_here:
         subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+
+
+def _record(tmp_path: Path, name: str, **figures) -> None:
+    """Print the measured figures and keep them as JSON beside the test's files (pytest tmp dir)."""
+    doc = {"test": name, **figures}
+    (tmp_path / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()) + f" (-> {tmp_path / (name + '.json')})")
 
 
 def _snakemake_slurm(workdir: Path, *args, limit: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -131,7 +139,7 @@ def test_toy_workflow_through_sbatch(cluster, tmp_path):
     # Each rule ran inside its own SLURM job.
     assert len(job_ids) == 3 and len(set(job_ids)) == 3 and all(j.isdigit() for j in job_ids), job_ids
     assert len(re.findall(r"submitted with SLURM jobid", proc.stdout)) == 3
-    print(f"toy workflow through SLURM: {wall:.0f} s wall")
+    _record(tmp_path, "slurm_toy_wall", wall_s=round(wall, 1), sbatch_jobs=3)
 
 
 def test_tiny_config_end_to_end_through_sbatch(cluster, tmp_path):
@@ -141,8 +149,10 @@ def test_tiny_config_end_to_end_through_sbatch(cluster, tmp_path):
     tiny = tiny_config()
     wf = copy_workflow(tmp_path / "wf")
     proc, wall = _snakemake_slurm(wf, "--configfile", tiny, limit=3600)
-    assert proc.returncode == 0, proc.stdout[-6000:]
     submitted = len(re.findall(r"submitted with SLURM jobid", proc.stdout))
+    # Recorded before the asserts: a failed run's wall time is worth knowing too.
+    _record(tmp_path, "slurm_tiny_wall", wall_s=round(wall, 1), sbatch_jobs=submitted, returncode=proc.returncode)
+    assert proc.returncode == 0, proc.stdout[-6000:]
     assert submitted >= 1
     m = re.search(r"(\d+) of \1 steps \(100%\) done", proc.stdout)
     assert m, proc.stdout[-3000:]
@@ -151,4 +161,3 @@ def test_tiny_config_end_to_end_through_sbatch(cluster, tmp_path):
         [SNAKEMAKE, "-n", "--configfile", str(tiny)], cwd=wf, env=env(), capture_output=True, text=True, timeout=120
     )
     assert "Nothing to be done" in dry.stdout + dry.stderr
-    print(f"tiny config through SLURM: {submitted} sbatch jobs, {wall:.0f} s wall")
