@@ -219,16 +219,60 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
     return out
 
 
+def template_truth_flux(truth_fluxes: pd.DataFrame, truth_sources: pd.DataFrame,
+                        template_visits) -> pd.Series:
+    """Truth flux (nJy) of each variable / transient source in the template, indexed by source_id.
+
+    The template is a coadd of the ``template_visits``: a source's template flux is
+    the mean of its truth ``flux_nJy`` over the template visits that cover it.  A
+    supernova is absent from the truth tables before its explosion, so coverage is
+    taken from its host galaxy (absent SN = 0 nJy); a mover is elsewhere in the
+    template visits (template flux 0).  Why: a flare or variable is a star that is
+    in the template at its quiescent brightness, so only the change reaches the
+    difference image -- its total truth flux would overstate its difference S/N
+    (by ~6x for a flare of +0.2 mag).
+    """
+    kinds = truth_sources.set_index("source_id")["kind"]
+    hosts = truth_sources.set_index("source_id")["host_id"] if "host_id" in truth_sources else None
+    tv = truth_fluxes[truth_fluxes["visit"].isin(list(template_visits))]
+    ids = truth_sources.loc[truth_sources["kind"].isin(["sn", "flare", "variable"]), "source_id"]
+    # per source: sum of nJy over template visits, and the visits where it was present
+    per_visit = tv.groupby(["source_id", "visit"])["flux_nJy"].mean()  # (a source on two detectors: once)
+    total = per_visit.groupby(level=0).sum()
+    covered = per_visit.groupby(level=0).size()
+    out = pd.Series(0.0, index=pd.Index(ids.to_numpy(), name="source_id"))
+    for sid in out.index:
+        n = covered.get(sid, 0)
+        if kinds.get(sid) == "sn" and hosts is not None:
+            n = covered.get(int(hosts.get(sid, -1)), 0) if int(hosts.get(sid, -1)) >= 0 else 0
+            if n == 0:  # host not in the truth (or hostless): coverage from the SN itself
+                n = covered.get(sid, 0)
+        if n > 0:
+            out[sid] = float(total.get(sid, 0.0)) / n
+    return out
+
+
 def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources: pd.DataFrame, diffexps: dict,
-                   snr_min: float = 10.0, radius: float = 2.0) -> pd.DataFrame:
-    """Simulated transients (sn, flare) and movers per visit: snrDiff and whether detected."""
+                   snr_min: float = 10.0, radius: float = 2.0, template_visits=None) -> pd.DataFrame:
+    """Simulated transients (sn, flare), variables and movers per visit: difference S/N and whether detected.
+
+    The S/N is that of the flux *change* since the template (``fluxDiff`` = visit
+    truth flux minus template truth flux, ``template_truth_flux``), the signal the
+    difference image holds: snrDiff = |fluxDiff| sqrt(sum(P^2 / V)) / noiseScale.
+    ``template_visits`` default: the truth visits that have no difference exposure.
+    A truth source counts as detected when any diaSource (either sign) lies within ``radius``.
+    """
     from .fakes import optimal_snr_unit
     from .measure import _Pixels
 
     kinds = truth_sources.set_index("source_id")["kind"]
+    if template_visits is None:
+        differenced = {v for v, _ in diffexps}
+        template_visits = sorted(set(truth_fluxes["visit"].unique()) - differenced)
+    tmpl = template_truth_flux(truth_fluxes, truth_sources, template_visits)
     tf = truth_fluxes.copy()
     tf["kind"] = kinds.reindex(tf["source_id"]).to_numpy()
-    tf = tf[tf["kind"].isin(["sn", "flare", "mover"])]
+    tf = tf[tf["kind"].isin(["sn", "flare", "variable", "mover"])]
     rows = []
     for (v, d), t in tf.groupby(["visit", "detector"]):
         e = diffexps.get((int(v), int(d)))
@@ -241,9 +285,13 @@ def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources:
         for k, r in enumerate(t.itertuples()):
             if not (0 <= r.x < e.shape[1] and 0 <= r.y < e.shape[0]):
                 continue
-            snr = r.flux * optimal_snr_unit(e, r.x, r.y, pix) / ns
+            t_nJy = 0.0 if r.kind == "mover" else float(tmpl.get(r.source_id, 0.0))
+            # electrons of this visit per nJy: the truth flux (e-) over its flux_nJy
+            diff_e = r.flux * (r.flux_nJy - t_nJy) / r.flux_nJy if r.flux_nJy > 0 else 0.0
+            snr = abs(diff_e) * optimal_snr_unit(e, r.x, r.y, pix) / ns
             rows.append({"source_id": r.source_id, "kind": r.kind, "visit": v, "detector": d, "x": r.x, "y": r.y,
-                         "flux": r.flux, "snrDiff": snr, "detected": bool(j[k] >= 0)})
+                         "flux": r.flux, "flux_nJy": r.flux_nJy, "templateFlux_nJy": t_nJy,
+                         "fluxDiff_nJy": r.flux_nJy - t_nJy, "snrDiff": snr, "detected": bool(j[k] >= 0)})
     out = pd.DataFrame(rows)
     return out
 
@@ -314,9 +362,11 @@ def plot(curves: pd.DataFrame, matched: pd.DataFrame, snr_col: str, path) -> Non
 
 
 def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, truth_fluxes=None,
-        truth_sources=None) -> dict:
+        truth_sources=None, template_visits=None) -> dict:
     """File-level entry.  ``outputs`` maps matched, curves, classes, summary, plot to paths
-    (matched fakes Parquet, completeness Parquet, diaSource classes Parquet, summary JSON, PNG)."""
+    (matched fakes Parquet, completeness Parquet, diaSource classes Parquet, summary JSON, PNG).
+    ``template_visits``: visits coadded into the templates (for the truth sources' template
+    flux); default, the truth visits without a difference exposure."""
     from .exposure import Exposure
 
     cfg = {**DEFAULTS, **(config or {})}
@@ -342,7 +392,10 @@ def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, t
         curves = pd.concat([curve(matched, snr_col, list(cfg["snr_bins"])), curve(matched, "mag", mag_bins)],
                            ignore_index=True)
     classes = classify(dia, fakes, tf, ts, float(cfg["match_radius"]))
-    recovery = truth_recovery(dia, tf, ts, diffexps, float(cfg["truth_snr_min"])) if (tf is not None and ts is not None and diffexps) else None
+    recovery = None
+    if tf is not None and ts is not None and diffexps:
+        recovery = truth_recovery(dia, tf, ts, diffexps, float(cfg["truth_snr_min"]), float(cfg["match_radius"]),
+                                  template_visits=template_visits)
     summ = summary(matched, classes, snr_col, recovery, float(cfg["truth_snr_min"])) if len(matched) else {}
     if len(dia) and "noiseScale" in dia:
         summ["noise_scale_per_exposure"] = {f"{v}/{d}": float(x) for (v, d), x in

@@ -61,5 +61,7 @@ rule completeness:
         runtime=20,
     params:
         fakes=FAKES,
+        # visits coadded into templates: a truth source's template flux (flares, SNe)
+        template_visits=sorted(template_pool()),
     script:
         "../scripts/completeness.py"

@@ -13,6 +13,7 @@ try:
         diffexp_paths=list(sm.input.diffexps),
         truth_fluxes=sm.input.get("truth_fluxes"),
         truth_sources=sm.input.get("truth_sources"),
+        template_visits=list(sm.params.template_visits),
     )
 except Exception:
     log.exception("failed")  # the traceback in the rule's log, not only on stderr

@@ -1,0 +1,55 @@
+"""The completeness analysis against simulation truth: the difference-image S/N of truth sources."""
+
+import numpy as np
+import pandas as pd
+from _detect_synth import make_diffexp
+
+from diapipe import completeness, measure
+
+FWHM, SIGMA = 3.5, 10.0
+
+
+def _truth():
+    """A flaring star (quiescent Q in the template visits 0 and 1, Q + B in visit 2), a SN that
+    exploded between the two template visits, a mover and the SN's host galaxy."""
+    ts = pd.DataFrame({"source_id": [1, 2, 3, 4], "kind": ["flare", "sn", "mover", "galaxy"],
+                       "host_id": [-1, 4, -1, -1]})
+    q, b = 40000.0, 3000.0  # e- (= nJy here: MAGZERO 31.4)
+    rows = []
+    for v in (0, 1, 2):
+        rows.append((1, v, 0, 100.0, 100.0, q + (b if v == 2 else 0.0)))
+        rows.append((4, v, 0, 300.0, 300.0, 50000.0))  # host
+        if v >= 1:  # SN: absent from the truth before its explosion (visit 0)
+            rows.append((2, v, 0, 300.4, 300.2, 1000.0 if v == 1 else 4000.0))
+    rows.append((3, 2, 0, 200.0, 400.0, 2500.0))  # mover, only here in visit 2
+    tf = pd.DataFrame(rows, columns=["source_id", "visit", "detector", "x", "y", "flux"])
+    tf["flux_nJy"] = tf["flux"]
+    return tf, ts, q, b
+
+
+def test_truth_recovery_uses_the_flux_change_since_the_template():
+    tf, ts, q, b = _truth()
+    # the difference image holds only what changed: the flare's boost, the SN minus its
+    # template-average flux (half of visit 1's 1000 e-), the mover
+    diff = make_diffexp((512, 512), FWHM, SIGMA, [(100.0, 100.0, b), (300.4, 300.2, 4000.0 - 500.0),
+                                                   (200.0, 400.0, 2500.0)], seed=3, visit=2, detector=0)
+    dia, _, _ = measure.detect_and_measure(diff.copy())
+    rec = completeness.truth_recovery(dia, tf, ts, {(2, 0): diff}, template_visits=[0, 1]).set_index("source_id")
+    assert set(rec.index) == {1, 2, 3} and rec["detected"].all()
+    assert rec.loc[1, "templateFlux_nJy"] == q and rec.loc[1, "fluxDiff_nJy"] == b
+    assert rec.loc[2, "templateFlux_nJy"] == 500.0  # covered by both template visits (via its host)
+    assert rec.loc[3, "templateFlux_nJy"] == 0.0
+    # snrDiff is the S/N the difference image shows: the measured psfFlux / psfFluxErr of each
+    # (noise in a measured S/N is +-1; the boost alone has S/N ~ 23, its total flux would claim ~ 330)
+    for sid in (1, 2, 3):
+        s = dia.iloc[int(np.argmin(np.hypot(dia["x"] - rec.loc[sid, "x"], dia["y"] - rec.loc[sid, "y"])))]
+        measured = s["psfFlux"] / s["psfFluxErr"]
+        assert abs(rec.loc[sid, "snrDiff"] - measured) < 3.0, (sid, rec.loc[sid, "snrDiff"], measured)
+
+
+def test_template_visits_default_to_the_visits_without_a_difference_image():
+    tf, ts, q, b = _truth()
+    diff = make_diffexp((512, 512), FWHM, SIGMA, [(100.0, 100.0, b)], seed=4, visit=2, detector=0)
+    dia, _, _ = measure.detect_and_measure(diff.copy())
+    rec = completeness.truth_recovery(dia, tf, ts, {(2, 0): diff}).set_index("source_id")
+    assert rec.loc[1, "fluxDiff_nJy"] == b
