@@ -11,7 +11,15 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/simulate.smk"
+
+
+# The simulated survey's rules exist only when it is the source: with
+# inputs.source 'table' no rule may claim the user's raw frames or refcat.
+if config["inputs"]["source"] == "simulate":
+
+    include: "workflow/rules/simulate.smk"
+
+
 include: "workflow/rules/calib.smk"
 include: "workflow/rules/isr.smk"
 include: "workflow/rules/characterize.smk"

@@ -254,7 +254,8 @@ def make_master_flat(paths, bias: Exposure | None = None, dark: Exposure | None 
     shape = frames[0][1].image.shape
     _check_shape(bias, shape, "bias", data_id)
     _check_shape(dark, shape, "dark", data_id)
-    bands = {str(r.header["FILTER"]).strip() for r, _ in frames}
+    # A band from the workflow (e.g. the exposures table) stands in for a missing FILTER card.
+    bands = {str(r.header.get("FILTER", data_id.get("band", ""))).strip() for r, _ in frames}
     if len(bands) > 1:
         raise DiapipeError(f"flats of several bands combined: {sorted(bands)}", None, data_id)
     band = bands.pop()

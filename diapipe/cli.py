@@ -15,6 +15,7 @@ from .fileio import DiapipeError
 # Modules that provide a sub-command (each defines add_cli(subparsers)).
 STAGE_MODULES = [
     "diapipe.simulate",
+    "diapipe.inputs",
     "diapipe.calib",
     "diapipe.isr",
     "diapipe.characterize",

@@ -329,6 +329,13 @@ def plan_overlaps(config: dict) -> OverlapPlan:
                 ep[(v, d)] = sm.patches_overlapping(w, (sim["ny"], sim["nx"]), margin=margin)
         pool = [int(v) for v in plan.visits.loc[plan.visits["is_template"], "visit"]]
         return OverlapPlan(sm, vb, ep, pool, mjd)
+    if config.get("inputs", {}).get("source") == "table":
+        # The user's exposures table (diapipe.inputs): its object frames, bands, MJDs and template flags.
+        from . import inputs
+
+        df = inputs.read_exposure_table(config["inputs"]["exposures"])
+        ep = {vd: list(range(sm.n_patches)) for vd in inputs.data_ids(df)}
+        return OverlapPlan(sm, inputs.visit_bands(df), ep, inputs.template_pool(df), inputs.visit_mjds(df))
     sim = config.get("simulate", {})
     bands = list(sim.get("bands", ["r"]))
     nv = int(sim.get("n_template_visits", 0)) + int(sim.get("n_science_visits", 0))

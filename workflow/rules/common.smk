@@ -30,6 +30,40 @@ except dpconfig.ConfigError as err:
 
 BUTLER = Butler(config["datasets"])
 
+# inputs.source 'table': the user's raw frames come from the exposures table
+# (diapipe.inputs; blank cells filled from FITS headers, validated here, before
+# any job), the reference catalog from inputs.refcat, and the simulate stage
+# does not run (Snakefile).  raw, raw_bias, raw_dark and raw_flat then resolve
+# through the table instead of their path templates (path() below).
+EXPOSURES = None
+TABLE_DATASETS = ("raw", "raw_bias", "raw_dark", "raw_flat")
+if config["inputs"]["source"] == "table":
+    from diapipe import inputs as dpinputs
+
+    try:
+        EXPOSURES = dpinputs.read_exposure_table(config["inputs"]["exposures"])
+        dpinputs.check_calibrations(
+            EXPOSURES, config["inputs"]["exposures"], config["calib"]["min_frames"]
+        )
+    except dpinputs.ExposureTableError as err:
+        raise WorkflowError(f"inputs.exposures: {err}")
+    if not config["inputs"].get("refcat"):
+        raise WorkflowError(
+            "inputs.source is 'table' but inputs.refcat is not set: give the reference "
+            "catalog (Parquet with id, ra, dec [deg], ra_err, dec_err [mas], <band>_mag)"
+        )
+    sky = config["skymap"]
+    if (
+        sky["ra"] is None
+        or sky["dec"] is None
+        or min(sky["n_patches_x"], sky["n_patches_y"]) <= 0
+    ):
+        raise WorkflowError(
+            "inputs.source is 'table': set skymap.ra, skymap.dec (deg) and skymap.n_patches_x, "
+            "n_patches_y (the tract over your field); the defaults come from the simulated survey"
+        )
+    BUTLER.datasets["refcat"] = config["inputs"]["refcat"]
+
 
 wildcard_constraints:
     visit=r"\d+",
@@ -41,6 +75,11 @@ wildcard_constraints:
 
 def path(dataset_type, **data_id):
     """Path (or Snakemake pattern, when given wildcards as '{name}') of a dataset."""
+    if EXPOSURES is not None and dataset_type in TABLE_DATASETS:
+        # Raw frames listed in the exposures table: an input function when given no dataId.
+        if not data_id:
+            return lambda w: dpinputs.lookup(EXPOSURES, dataset_type, **dict(w.items()))
+        return dpinputs.lookup(EXPOSURES, dataset_type, **data_id)
     if not data_id:
         data_id = {k: f"{{{k}}}" for k in BUTLER.keys(dataset_type)}
     return str(BUTLER.get(dataset_type, **data_id))
@@ -64,21 +103,29 @@ def detector_mem_mb(factor=1.0, base=500):
 
 
 def visits():
-    """All science and template visit numbers of the simulated survey."""
+    """All science and template visit numbers (of the simulated survey, or the exposures table)."""
+    if EXPOSURES is not None:
+        return dpinputs.visits(EXPOSURES)
     sim = config["simulate"]
     return list(range(sim["n_template_visits"] + sim["n_science_visits"]))
 
 
 def detectors():
+    if EXPOSURES is not None:
+        return dpinputs.detectors(EXPOSURES)
     return list(range(config["simulate"]["n_detectors"]))
 
 
 def bands():
+    if EXPOSURES is not None:
+        return dpinputs.bands(EXPOSURES)
     return list(config["simulate"]["bands"])
 
 
 def raw_calib_inputs(kind, detector, band=None):
     """Paths of the raw calibration frames of a kind ('bias', 'dark', 'flat')."""
+    if EXPOSURES is not None:
+        return dpinputs.calib_paths(EXPOSURES, kind, detector, band)
     seqs = range(config["simulate"][f"n_{kind}"])
     if kind == "flat":
         return [path("raw_flat", band=band, detector=detector, seq=s) for s in seqs]
@@ -150,15 +197,25 @@ def all_targets():
 
 
 def calexp_data_ids():
-    """(visit, detector) of every calexp (science and template visits)."""
+    """(visit, detector) of every calexp (science and template visits; the table's object frames)."""
+    if EXPOSURES is not None:
+        return dpinputs.data_ids(EXPOSURES)
     return [(v, d) for v in visits() for d in detectors()]
 
 
 # ---- isr (rules in isr.smk)
 
 
+def isr_table_params():
+    """{'band': ...} for the isr rule with an exposures table (the table may name a band the header lacks)."""
+    if EXPOSURES is None:
+        return {}
+    bands_of = dpinputs.visit_bands(EXPOSURES)
+    return {"band": lambda w: bands_of[int(w.visit)]}
+
+
 def isr_targets():
-    return [path("postisr", visit=v, detector=d) for v in visits() for d in detectors()]
+    return [path("postisr", visit=v, detector=d) for v, d in calexp_data_ids()]
 
 
 # ---- characterize (rules in characterize.smk)
@@ -166,12 +223,8 @@ def isr_targets():
 
 def characterize_targets():
     out = []
-    for v in visits():
-        for d in detectors():
-            out += [
-                path("calexp", visit=v, detector=d),
-                path("src", visit=v, detector=d),
-            ]
+    for v, d in calexp_data_ids():
+        out += [path("calexp", visit=v, detector=d), path("src", visit=v, detector=d)]
     return out
 
 

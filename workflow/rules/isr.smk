@@ -29,6 +29,8 @@ rule isr:
         mem_mb=detector_mem_mb(6.0),
         runtime=10,
     params:
+        # With an exposures table, the band its row gives (absent otherwise, so simulated runs keep their params).
+        **isr_table_params(),
         isr=ISR,
     script:
         "../scripts/isr.py"

@@ -7,6 +7,8 @@ sm = snakemake  # noqa: F821
 log = logs.setup(sm.log[0])
 try:
     data_id = {"visit": int(sm.wildcards.visit), "detector": int(sm.wildcards.detector)}
+    if "band" in sm.params.keys():  # from the exposures table (inputs.source 'table')
+        data_id["band"] = sm.params.band
     isr.isr_file(
         sm.input.raw,
         sm.output.postisr,
