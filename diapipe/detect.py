@@ -96,6 +96,7 @@ class Detections:
     noise_std: float  # robust std of nu over valid pixels (1.0 for correct variances)
     n_valid: int
     noise_scale: float = 1.0  # factor nu was divided by (noise_std when rescale_noise, else 1)
+    valid: np.ndarray | None = None  # the valid-pixel map used (measurement reuses it)
 
 
 def valid_pixels(exposure: Exposure) -> np.ndarray:
@@ -159,7 +160,7 @@ def _fft_correlate(arrays, kernels, valid=None):
             padded[:ny, :nx] = a
         af = sfft.rfft2(padded, workers=1)
         af *= kf
-        out.append(sfft.irfft2(af, shape, workers=1)[:ny, :nx])
+        out.append(sfft.irfft2(af, shape, workers=1, overwrite_x=True)[:ny, :nx])
     return out
 
 
@@ -175,9 +176,13 @@ def matched_filter(image, variance, valid, psf_stamp) -> np.ndarray:
     sub = variance[::16, ::16][valid[::16, ::16]]
     typical = float(np.median(sub)) if sub.size else float(np.median(variance[valid]))
     floor = np.float32(1e-6 * typical * float((psf_stamp**2).sum()))
-    nu = num / np.sqrt(np.maximum(den, floor))
-    nu[den <= floor] = 0
-    return nu.astype(np.float32, copy=False)
+    none = den <= floor
+    # in place: four passes over 4k x 4k float32 instead of four new arrays
+    np.maximum(den, floor, out=den)
+    np.sqrt(den, out=den)
+    np.divide(num, den, out=num)
+    num[none] = 0
+    return num.astype(np.float32, copy=False)
 
 
 def _filtered_noise(nu, valid, n_target=200_000, clip=4.0):
@@ -270,7 +275,7 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
     cands = _footprints(nu, valid, thr, cfg, fwhm, diffexp.mask)
     log.info("%d candidates above %.1f sigma (matched-filter noise %.3f x the variance plane's%s)",
              len(cands), thr, noise_std, ", rescaled" if scale != 1.0 else "")
-    return Detections(cands, nu, thr, noise_std, int(valid.sum()), scale)
+    return Detections(cands, nu, thr, noise_std, int(valid.sum()), scale, valid)
 
 
 def _peaks(nu, labels, n, sign):

@@ -224,10 +224,10 @@ class _ShiftablePsf:
 class _Pixels:
     """Image, variance and validity of one exposure, read per stamp (no full-image copies)."""
 
-    def __init__(self, exposure: Exposure):
+    def __init__(self, exposure: Exposure, valid=None):
         self.image = exposure.image
         self.variance = exposure.variance
-        self.valid = det.valid_pixels(exposure)
+        self.valid = det.valid_pixels(exposure) if valid is None else valid
         self.shape = exposure.shape
 
     def stamp(self, ix, iy, half):
@@ -505,11 +505,401 @@ def _refcat_distances(refcat, ra, dec, band, bright_mag, bright_radius):
     return dist, near
 
 
+# ------------------------------------------------ batched (vectorised) fits
+# Every candidate of an exposure is fitted at once: PSF stamps, pixel stamps,
+# Fourier shifts and the small normal equations are stacked along a first axis
+# of length N (sources), so a detector's few hundred fits cost a few numpy calls
+# per iteration instead of a few hundred Python-level fits each.
+
+
+def _gather(arr, ix, iy, half, fill):
+    """(N, 2 half + 1, 2 half + 1) stamps of ``arr`` centred on pixels (ix, iy); ``fill`` off the image.
+
+    Also returns the (N, n, n) boolean 'on the image' map.
+    """
+    ny, nx = arr.shape
+    off = np.arange(-half, half + 1)
+    yy = np.asarray(iy, np.int64)[:, None] + off
+    xx = np.asarray(ix, np.int64)[:, None] + off
+    inside = ((yy >= 0) & (yy < ny))[:, :, None] & ((xx >= 0) & (xx < nx))[:, None, :]
+    out = arr[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
+    if not inside.all():
+        out = np.where(inside, out, fill)
+    return out, inside
+
+
+def _pixel_stamps(pix: "_Pixels", ix, iy, half):
+    """Image (0 where unusable) and weight (1 / variance, 0 where unusable) stamps, float64; touches-edge flags."""
+    img, inside = _gather(pix.image, ix, iy, half, 0.0)
+    var, _ = _gather(pix.variance, ix, iy, half, 1.0)
+    ok, _ = _gather(pix.valid, ix, iy, half, False)
+    ok = ok & inside
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(ok, 1.0 / var.astype(np.float64), 0.0)
+    img = np.where(ok, img.astype(np.float64), 0.0)  # NaN NO_DATA pixels would poison the sums
+    return img, w, ~inside.all(axis=(1, 2))
+
+
+def _psf_images(psf, xs, ys) -> np.ndarray:
+    """Unit-sum PSF model stamps at (xs, ys): (N, S, S), or (1, S, S) for a constant PSF."""
+    if getattr(psf, "order", None) == 0 and hasattr(psf, "components"):
+        img = np.asarray(psf.components[0], float)
+        return (img / img.sum())[None]
+    if hasattr(psf, "components"):
+        from .psf import poly_design
+
+        t = poly_design(xs, ys, psf.order, psf.x0, psf.y0, psf.sx, psf.sy)
+        img = np.tensordot(t, psf.components, axes=1)
+    else:  # any object with .image(x, y)
+        img = np.array([psf.image(x, y) for x, y in zip(xs, ys)], float)
+    s = img.sum(axis=(1, 2))
+    return img / np.where(s != 0, s, 1.0)[:, None, None]
+
+
+class _BatchPsf:
+    """PSF stamps of many sources (normalised to unit sum, then cropped to ~3 FWHM without
+    renormalising, as ``_ShiftablePsf``), optionally padded by ``pad`` zeros, shiftable by
+    sub-pixel amounts in Fourier space with exact derivatives."""
+
+    def __init__(self, psf, xs, ys, pad=0):
+        stamps = _psf_images(psf, np.atleast_1d(xs), np.atleast_1d(ys))
+        n = stamps.shape[-1]
+        if n % 2 == 0 or stamps.shape[-2] != n:
+            raise ValueError("PSF stamps must be square with odd size")
+        h = n // 2
+        # half-maximum FWHM of each stamp (robust to Moffat wings), as psf.half_max_fwhm
+        peak = stamps.max(axis=(1, 2))
+        self.fwhm = np.sqrt(4.0 * np.count_nonzero(stamps >= 0.5 * peak[:, None, None], axis=(1, 2)) / np.pi)
+        r = int(min(h, max(6, np.ceil(3 * float(self.fwhm.max())))))
+        crop = stamps[:, h - r : h + r + 1, h - r : h + r + 1]
+        if pad:
+            crop = np.pad(crop, ((0, 0), (pad, pad), (pad, pad)))
+        self.half = r + pad
+        self.size = 2 * self.half + 1
+        self.ft = sfft.fft2(crop, axes=(-2, -1), workers=1)
+        self.k = 2 * np.pi * np.fft.fftfreq(self.size)
+
+    def shifted(self, dx, dy, idx=None, derivs=False):
+        """Stamps (N, n, n) of the PSF centred at (half + dx, half + dy) for sources ``idx``;
+        with derivs also d/d(dx), d/d(dy)."""
+        ft = self.ft if (self.ft.shape[0] == 1 or idx is None) else self.ft[idx]
+        dx, dy = np.asarray(dx, float), np.asarray(dy, float)
+        f = ft * np.exp(-1j * self.k[None, None, :] * dx[:, None, None]) \
+            * np.exp(-1j * self.k[None, :, None] * dy[:, None, None])
+        if not derivs:
+            return sfft.ifft2(f, axes=(-2, -1), workers=1).real
+        # d/d(dx) of P(x - dx) = -P'(x - dx): multiply by -i kx
+        out = sfft.ifft2(np.stack([f, -1j * self.k[None, None, :] * f, -1j * self.k[None, :, None] * f], axis=1),
+                         axes=(-2, -1), workers=1).real
+        return out[:, 0], out[:, 1], out[:, 2]
+
+
+def _solve_batch(a, b):
+    """Solve a[i] x[i] = b[i] for a stack of small systems; NaN rows where singular."""
+    try:
+        x = np.linalg.solve(a, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        x = np.full(b.shape, np.nan)
+        for i in range(len(a)):
+            try:
+                x[i] = np.linalg.solve(a[i], b[i])
+            except np.linalg.LinAlgError:
+                pass
+    return x
+
+
+def _inv_batch(a):
+    """Inverses of a stack of small matrices; NaN where singular."""
+    try:
+        return np.linalg.inv(a)
+    except np.linalg.LinAlgError:
+        out = np.full(a.shape, np.nan)
+        for i in range(len(a)):
+            try:
+                out[i] = np.linalg.inv(a[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def psf_fit_batch(pix: "_Pixels", psf, xs, ys, fit_position=True, max_shift=2.0, niter=8):
+    """``psf_fit`` for many sources at once; returns a dict of (N,) arrays (same keys).
+
+    ``fit_position`` may be a scalar or an (N,) boolean array.  Flux (and position,
+    Gauss-Newton with the exact Fourier-shift Jacobian) by weighted least squares,
+    weights 1 / variance; electrons.
+    """
+    xs = np.atleast_1d(np.asarray(xs, float))
+    ys = np.atleast_1d(np.asarray(ys, float))
+    n = len(xs)
+    fitpos = np.broadcast_to(np.asarray(fit_position, bool), (n,)).copy()
+    res = {"flux": np.full(n, np.nan), "fluxErr": np.full(n, np.nan), "x": xs.copy(), "y": ys.copy(),
+           "xErr": np.full(n, np.nan), "yErr": np.full(n, np.nan), "chi2ndof": np.full(n, np.nan),
+           "ok": np.zeros(n, bool), "centroid_ok": fitpos.copy(), "edge": np.zeros(n, bool)}
+    if n == 0:
+        return res
+    sp = _BatchPsf(psf, xs, ys)
+    half = sp.half
+    cx, cy = xs.copy(), ys.copy()
+    cok = fitpos.copy()
+    failed = np.zeros(n, bool)  # no usable pixel under the PSF
+    active = fitpos.copy()
+    for _ in range(niter):
+        idx = np.flatnonzero(active)
+        if not idx.size:
+            break
+        ix, iy = np.floor(cx[idx] + 0.5).astype(np.int64), np.floor(cy[idx] + 0.5).astype(np.int64)
+        img, w, _ = _pixel_stamps(pix, ix, iy, half)
+        p, px, py = sp.shifted(cx[idx] - ix, cy[idx] - iy, idx, derivs=True)
+        spp = (w * p * p).sum(axis=(1, 2))
+        dead = ~(spp > 0)
+        failed[idx[dead]] = True
+        active[idx[dead]] = False
+        live = ~dead
+        idx, img, w, p, px, py, spp = idx[live], img[live], w[live], p[live], px[live], py[live], spp[live]
+        flux = (w * p * img).sum(axis=(1, 2)) / spp
+        m = len(idx)
+        # Gauss-Newton step in (flux, dx, dy); Jacobian columns p, F px, F py.
+        J = np.stack([p, flux[:, None, None] * px, flux[:, None, None] * py], axis=1).reshape(m, 3, -1)
+        wf = w.reshape(m, -1)
+        A = np.einsum("mkp,mlp->mkl", J * wf[:, None, :], J)
+        r = (img - flux[:, None, None] * p).reshape(m, -1)
+        step = _solve_batch(A, np.einsum("mkp,mp->mk", J, wf * r))
+        bad = ~np.isfinite(step).all(axis=1)
+        cok[idx[bad]] = False
+        active[idx[bad]] = False
+        conv = ~bad & (np.abs(step[:, 1]) < 1e-3) & (np.abs(step[:, 2]) < 1e-3)
+        active[idx[conv]] = False  # converged: keep the evaluated position
+        mv = ~bad & ~conv
+        cx[idx[mv]] += step[mv, 1]
+        cy[idx[mv]] += step[mv, 2]
+        far = idx[mv][np.hypot(cx[idx[mv]] - xs[idx[mv]], cy[idx[mv]] - ys[idx[mv]]) > max_shift]
+        cok[far] = False
+        active[far] = False
+    cx = np.where(cok, cx, xs)
+    cy = np.where(cok, cy, ys)
+    # Final linear flux (and covariance) at the adopted position.
+    idx = np.flatnonzero(~failed)
+    if not idx.size:
+        res["centroid_ok"] = cok & ~failed
+        return res
+    ix, iy = np.floor(cx[idx] + 0.5).astype(np.int64), np.floor(cy[idx] + 0.5).astype(np.int64)
+    img, w, edge = _pixel_stamps(pix, ix, iy, half)
+    p, px, py = sp.shifted(cx[idx] - ix, cy[idx] - iy, idx, derivs=True)
+    spp = (w * p * p).sum(axis=(1, 2))
+    good = spp > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flux = (w * p * img).sum(axis=(1, 2)) / spp
+        resid = img - flux[:, None, None] * p
+        ndof = np.maximum(1, (w > 0).sum(axis=(1, 2)) - np.where(cok[idx], 3, 1))
+        chi2 = (w * resid**2).sum(axis=(1, 2)) / ndof
+        err = 1 / np.sqrt(spp)
+    g = idx[good]
+    res["flux"][g], res["fluxErr"][g], res["chi2ndof"][g] = flux[good], err[good], chi2[good]
+    res["x"][g], res["y"][g], res["ok"][g], res["edge"][g] = cx[g], cy[g], True, edge[good]
+    failed[idx[~good]] = True
+    cen = good & cok[idx]
+    if cen.any():
+        m = int(cen.sum())
+        f = flux[cen][:, None, None]
+        J = np.stack([p[cen], f * px[cen], f * py[cen]], axis=1).reshape(m, 3, -1)
+        A = np.einsum("mkp,mlp->mkl", J * w[cen].reshape(m, 1, -1), J)
+        cov = _inv_batch(A)
+        ci = idx[cen]
+        singular = ~np.isfinite(cov).all(axis=(1, 2))
+        with np.errstate(invalid="ignore"):
+            res["xErr"][ci] = np.where(singular, np.nan, np.sqrt(cov[:, 1, 1]))
+            res["yErr"][ci] = np.where(singular, np.nan, np.sqrt(cov[:, 2, 2]))
+        cok[ci[singular]] = False
+    res["centroid_ok"] = cok & ~failed
+    return res
+
+
+def dipole_fit_batch(pix: "_Pixels", psf, pos_xy, neg_xy, max_iter=40):
+    """``dipole_fit`` for many candidates at once: a positive and a negative PSF at free
+    positions, fluxes free (Levenberg-Marquardt with the exact Fourier Jacobian).
+
+    ``pos_xy``, ``neg_xy``: (N, 2) starting lobe positions.  Returns a dict of (N,) arrays:
+    fluxPos, fluxPosErr, fluxNeg, fluxNegErr (electrons; the lobe with the larger signed
+    flux is the positive one), xPos, yPos, xNeg, yNeg, chi2ndof, ok.
+    """
+    pos_xy = np.asarray(pos_xy, float).reshape(-1, 2)
+    neg_xy = np.asarray(neg_xy, float).reshape(-1, 2)
+    n = len(pos_xy)
+    keys = ("fluxPos", "fluxPosErr", "fluxNeg", "fluxNegErr", "xPos", "yPos", "xNeg", "yNeg", "chi2ndof")
+    out = {k: np.full(n, np.nan) for k in keys}
+    out["ok"] = np.zeros(n, bool)
+    if n == 0:
+        return out
+    mid = 0.5 * (pos_xy + neg_xy)
+    sep_pix = np.hypot(*(pos_xy - neg_xy).T)
+    # one canvas per candidate: the PSF at the midpoint, with room for either lobe to move
+    sp = _BatchPsf(psf, mid[:, 0], mid[:, 1], pad=int(np.ceil(sep_pix.max() / 2)) + 2)
+    ix, iy = np.floor(mid[:, 0] + 0.5).astype(np.int64), np.floor(mid[:, 1] + 0.5).astype(np.int64)
+    img, w, _ = _pixel_stamps(pix, ix, iy, sp.half)
+    sw = np.sqrt(w).reshape(n, -1)
+    imgw = img.reshape(n, -1) * sw
+    enough = (w > 0).sum(axis=(1, 2)) >= 8
+
+    def lobes(q, idx, derivs):
+        a = sp.shifted(q[:, 0] - ix[idx], q[:, 1] - iy[idx], idx, derivs)
+        b = sp.shifted(q[:, 2] - ix[idx], q[:, 3] - iy[idx], idx, derivs)
+        return a, b
+
+    def linear(q, idx):
+        p1, p2 = lobes(q, idx, False)
+        A = np.stack([p1.reshape(len(idx), -1), p2.reshape(len(idx), -1)], axis=1) * sw[idx][:, None, :]
+        ata = np.einsum("mkp,mlp->mkl", A, A)
+        return _solve_batch(ata, np.einsum("mkp,mp->mk", A, imgw[idx])), ata
+
+    def chi2_of(par, idx):
+        p1, p2 = lobes(par[:, [0, 1, 3, 4]], idx, False)
+        model = par[:, 2, None] * p1.reshape(len(idx), -1) + par[:, 5, None] * p2.reshape(len(idx), -1)
+        return ((imgw[idx] - model * sw[idx]) ** 2).sum(axis=1)
+
+    idx0 = np.flatnonzero(enough)
+    if not idx0.size:
+        return out
+    q0 = np.concatenate([pos_xy, neg_xy], axis=1)[idx0]
+    f0, _ = linear(q0, idx0)
+    par = np.stack([q0[:, 0], q0[:, 1], f0[:, 0], q0[:, 2], q0[:, 3], f0[:, 1]], axis=1)
+    chi2 = chi2_of(par, idx0)
+    lam = np.full(len(idx0), 1e-3)
+    active = np.isfinite(par).all(axis=1) & np.isfinite(chi2)
+    for _ in range(max_iter):
+        a = np.flatnonzero(active)
+        if not a.size:
+            break
+        idx = idx0[a]
+        P = par[a]
+        (p1, p1x, p1y), (p2, p2x, p2y) = lobes(P[:, [0, 1, 3, 4]], idx, True)
+        m = len(a)
+        F1, F2 = P[:, 2, None, None], P[:, 5, None, None]
+        J = np.stack([F1 * p1x, F1 * p1y, p1, F2 * p2x, F2 * p2y, p2], axis=1).reshape(m, 6, -1) * sw[idx][:, None, :]
+        r = imgw[idx] - (F1 * p1 + F2 * p2).reshape(m, -1) * sw[idx]
+        A = np.einsum("mkp,mlp->mkl", J, J)
+        g = np.einsum("mkp,mp->mk", J, r)
+        d = np.einsum("mkk->mk", A)
+        step = _solve_batch(A + lam[a, None, None] * d[:, :, None] * np.eye(6), g)
+        trial = P + np.nan_to_num(step)
+        c2 = chi2_of(trial, idx)
+        better = np.isfinite(c2) & (c2 < chi2[a]) & np.isfinite(step).all(axis=1)
+        dpos = np.abs(np.nan_to_num(step)[:, [0, 1, 3, 4]]).max(axis=1)
+        rel = (chi2[a] - c2) / np.maximum(chi2[a], 1e-300)
+        par[a[better]] = trial[better]
+        chi2[a[better]] = c2[better]
+        lam[a] = np.where(better, lam[a] / 10, lam[a] * 10)
+        done = (better & ((dpos < 1e-3) | (rel < 1e-6))) | (lam[a] > 1e8)
+        active[a[done]] = False
+    q = par[:, [0, 1, 3, 4]]
+    fine = np.isfinite(q).all(axis=1) & (np.abs(q - q0).max(axis=1) <= sep_pix[idx0] + 3)
+    if not fine.any():
+        return out  # wandered off: not a dipole of these lobes
+    idx, q = idx0[fine], q[fine]
+    f, ata = linear(q, idx)
+    cov = _inv_batch(ata)
+    swap = f[:, 1] > f[:, 0]  # call the lobe with the larger signed flux the positive one
+    f = np.where(swap[:, None], f[:, ::-1], f)
+    var = np.stack([cov[:, 0, 0], cov[:, 1, 1]], axis=1)
+    var = np.where(swap[:, None], var[:, ::-1], var)
+    q = np.where(swap[:, None], q[:, [2, 3, 0, 1]], q)
+    p1, p2 = lobes(q, idx, False)
+    model = f[:, 0, None] * p1.reshape(len(idx), -1) + f[:, 1, None] * p2.reshape(len(idx), -1)
+    c2 = ((imgw[idx] - model * sw[idx]) ** 2).sum(axis=1)
+    ndof = np.maximum(1, (w[idx] > 0).sum(axis=(1, 2)) - 6)
+    with np.errstate(invalid="ignore"):
+        out["fluxPosErr"][idx], out["fluxNegErr"][idx] = np.sqrt(var[:, 0]), np.sqrt(var[:, 1])
+    out["fluxPos"][idx], out["fluxNeg"][idx] = f[:, 0], f[:, 1]
+    out["xPos"][idx], out["yPos"][idx], out["xNeg"][idx], out["yNeg"][idx] = q.T
+    out["chi2ndof"][idx] = c2 / ndof
+    out["ok"][idx] = np.isfinite(f).all(axis=1)
+    return out
+
+
+def weighted_moments_batch(pix: "_Pixels", xs, ys, sigma_w, sign):
+    """``weighted_moments`` for many sources: (ixx, iyy, ixy) arrays (pixel^2), NaN where undefined."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    sigma_w = np.broadcast_to(np.asarray(sigma_w, float), xs.shape)
+    n = len(xs)
+    nan = np.full(n, np.nan)
+    if n == 0:
+        return nan, nan.copy(), nan.copy()
+    h = int(np.ceil(4 * np.nanmax(sigma_w)))
+    ix, iy = np.floor(xs + 0.5).astype(np.int64), np.floor(ys + 0.5).astype(np.int64)
+    img, w, _ = _pixel_stamps(pix, ix, iy, h)
+    off = np.arange(-h, h + 1, dtype=float)
+    dx = off[None, None, :] - (xs - ix)[:, None, None]
+    dy = off[None, :, None] - (ys - iy)[:, None, None]
+    s2 = sigma_w[:, None, None] ** 2
+    g = np.exp(-0.5 * (dx**2 + dy**2) / s2) * (w > 0) * np.asarray(sign, float).reshape(-1, 1, 1) * img
+    s = g.sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mxx = (g * dx * dx).sum(axis=(1, 2)) / s
+        myy = (g * dy * dy).sum(axis=(1, 2)) / s
+        mxy = (g * dx * dy).sum(axis=(1, 2)) / s
+        # For a Gaussian source of moments M: measured = (M^-1 + W^-1)^-1, W = sigma_w^2 I.
+        det_m = mxx * myy - mxy**2
+        ixx_, iyy_, ixy_ = myy / det_m - 1 / sigma_w**2, mxx / det_m - 1 / sigma_w**2, -mxy / det_m
+        det_i = ixx_ * iyy_ - ixy_**2
+        ok = (s > 0) & (det_m != 0) & (det_i > 0) & (ixx_ > 0) & np.isfinite(det_i)
+        rxx, ryy, rxy = iyy_ / det_i, ixx_ / det_i, -ixy_ / det_i
+    return np.where(ok, rxx, np.nan), np.where(ok, ryy, np.nan), np.where(ok, rxy, np.nan)
+
+
+def _cutouts(arr, xs, ys, size):
+    """(N, size, size) float32 cutouts centred on the pixels nearest (xs, ys); NaN off the image."""
+    n = len(xs)
+    if arr is None:
+        return np.full((n, size, size), np.nan, np.float32)
+    ix, iy = np.floor(np.asarray(xs) + 0.5).astype(np.int64), np.floor(np.asarray(ys) + 0.5).astype(np.int64)
+    out, _ = _gather(arr, ix, iy, size // 2, np.nan)
+    return out.astype(np.float32, copy=False)
+
+
+def _forced_flux_batch(exposure: Exposure | None, pix, xs, ys, nJy_default):
+    """Forced PSF fluxes (nJy), errors and failure flags on another exposure of the same pixel grid."""
+    n = len(xs)
+    if exposure is None or exposure.psf is None or n == 0:
+        return np.full(n, np.nan), np.full(n, np.nan), np.ones(n, bool)
+    r = psf_fit_batch(pix, exposure.psf, xs, ys, fit_position=False)
+    scale = nJy_default
+    if "MAGZERO" in exposure.metadata:
+        scale = 10 ** (-0.4 * (float(exposure.metadata["MAGZERO"]) - 31.4))
+    ok = r["ok"]
+    return np.where(ok, r["flux"] * scale, np.nan), np.where(ok, r["fluxErr"] * scale, np.nan), ~ok
+
+
+def _mask_flags(mask, xs, ys, r_flag):
+    """OR of the mask bits within a box of half-width r_flag (per source) and in the central 3x3."""
+    ix, iy = np.floor(np.asarray(xs) + 0.5).astype(np.int64), np.floor(np.asarray(ys) + 0.5).astype(np.int64)
+    r_flag = np.asarray(r_flag, np.int64)
+    R = int(r_flag.max()) if len(r_flag) else 1
+    st, _ = _gather(mask, ix, iy, max(R, 1), 0)  # off the image: no bits
+    off = np.abs(np.arange(-max(R, 1), max(R, 1) + 1))
+    box = (off[None, :, None] <= r_flag[:, None, None]) & (off[None, None, :] <= r_flag[:, None, None])
+    zero = st.dtype.type(0)
+    region = np.bitwise_or.reduce(np.where(box, st, zero).reshape(len(ix), -1), axis=1)
+    c = max(R, 1)
+    centre = np.bitwise_or.reduce(st[:, c - 1 : c + 2, c - 1 : c + 2].reshape(len(ix), -1), axis=1)
+    return region, centre
+
+
+def _fwhm_batch(psf, xs, ys):
+    """PSF FWHM (pixels) at many positions, from the area above half maximum (as ``_fwhm``)."""
+    st = _psf_images(psf, np.asarray(xs, float), np.asarray(ys, float))
+    peak = st.max(axis=(1, 2))
+    f = np.sqrt(4.0 * np.count_nonzero(st >= 0.5 * peak[:, None, None], axis=(1, 2)) / np.pi)
+    return np.broadcast_to(f, (len(xs),)).astype(float) if len(f) == 1 else f.astype(float)
+
+
 # ------------------------------------------------------------- measurement
 def measure(diffexp: Exposure, detections: det.Detections, science: Exposure | None = None,
             template: Exposure | None = None, refcat: pd.DataFrame | None = None,
             config: dict | None = None, path=None):
-    """Measure every candidate; return (diaSource DataFrame, cutouts dict of (n, size, size) arrays)."""
+    """Measure every candidate; return (diaSource DataFrame, cutouts dict of (n, size, size) arrays).
+
+    All candidates are measured together (``psf_fit_batch``, ``dipole_fit_batch``, ...).
+    """
     cfg = {**DEFAULTS, **(config or {})}
     size = int(cfg["cutout_size"])
     n = len(detections.candidates)
@@ -522,87 +912,94 @@ def measure(diffexp: Exposure, detections: det.Detections, science: Exposure | N
     meta = diffexp.metadata
     visit, detector = int(meta.get("visit", 0)), int(meta.get("detector", 0))
     band = str(meta.get("band", meta.get("FILTER", "")))
-    pix = _Pixels(diffexp)
+    v = detections.valid
+    pix = _Pixels(diffexp, v if v is not None and v.shape == diffexp.shape else None)
     valid = pix.valid
+    ny, nx = diffexp.shape
+    psf = diffexp.psf
+    ns = detections.noise_scale  # correlated-noise correction of PSF-weighted errors
+
+    cands = detections.candidates
+    strongest = np.array([max(c.pos_peaks + c.neg_peaks, key=lambda q: abs(q[2]))[:2] for c in cands], float)
+    has_pos = np.array([c.has_pos for c in cands])
+    has_neg = np.array([c.has_neg for c in cands])
+    both = has_pos & has_neg
+    x0, y0 = strongest[:, 0].copy(), strongest[:, 1].copy()
+    fwhm = _fwhm_batch(psf, x0, y0)
+
+    # Dipole fit of every candidate with both lobes (strongest positive and negative peak).
+    dip = {k: np.full(n, np.nan) for k in ("fluxPos", "fluxPosErr", "fluxNeg", "fluxNegErr", "xPos", "yPos",
+                                           "xNeg", "yNeg", "chi2ndof")}
+    dip["ok"] = np.zeros(n, bool)
+    bi = np.flatnonzero(both)
+    if bi.size:
+        pk = np.array([max(cands[i].pos_peaks, key=lambda q: q[2])[:2] for i in bi], float)
+        nk = np.array([min(cands[i].neg_peaks, key=lambda q: q[2])[:2] for i in bi], float)
+        d = dipole_fit_batch(pix, psf, pk, nk)
+        for key, v in d.items():
+            dip[key][bi] = v
+        ok = d["ok"]
+        x0[bi] = np.where(ok, 0.5 * (d["xPos"] + d["xNeg"]), 0.5 * (pk[:, 0] + nk[:, 0]))
+        y0[bi] = np.where(ok, 0.5 * (d["yPos"] + d["yNeg"]), 0.5 * (pk[:, 1] + nk[:, 1]))
+
+    fit = psf_fit_batch(pix, psf, x0, y0, fit_position=~both, max_shift=float(cfg["max_centroid_shift"]))
+    x, y = fit["x"], fit["y"]
+    sign = np.where((fit["ok"] & (fit["flux"] >= 0)) | (~fit["ok"] & has_pos), 1.0, -1.0)
+    ixx, iyy, ixy = weighted_moments_batch(pix, x, y, fwhm / 2.3548, sign)
+
+    # Pixel flags: within 2 FWHM, and the central 3x3.
+    region, centre = _mask_flags(diffexp.mask, x, y, np.ceil(2 * fwhm).astype(np.int64))
+
+    def anyp(bits, *planes):
+        want = 0
+        for p in planes:
+            want |= masks.bit(p)
+        return (bits & bits.dtype.type(want)) != 0
+
     sci_pix = _Pixels(science) if science is not None else None
     tmpl_pix = _Pixels(template) if template is not None else None
-    mask = diffexp.mask
-    ny, nx = diffexp.shape
-
-    rows = {c: [] for c in COLUMNS}
-    radii = [float(r) for r in cfg["aperture_radii"]]
-    cut = {k: [] for k in ("difference", "science", "template")}
-    for k, c in enumerate(detections.candidates):
-        strongest = max(c.pos_peaks + c.neg_peaks, key=lambda q: abs(q[2]))
-        x0, y0 = float(strongest[0]), float(strongest[1])
-        fwhm = _fwhm(diffexp.psf, x0, y0)
-        both = c.has_pos and c.has_neg
-        dip = {"ok": False}
-        if both:
-            pk = max(c.pos_peaks, key=lambda q: q[2])
-            nk = min(c.neg_peaks, key=lambda q: q[2])
-            dip = dipole_fit(pix, diffexp.psf, pk[:2], nk[:2])
-            if dip["ok"]:
-                x0 = 0.5 * (dip["xPos"] + dip["xNeg"])
-                y0 = 0.5 * (dip["yPos"] + dip["yNeg"])
-            else:
-                x0, y0 = 0.5 * (pk[0] + nk[0]), 0.5 * (pk[1] + nk[1])
-        fit = psf_fit(pix, diffexp.psf, x0, y0, fit_position=not both,
-                      max_shift=float(cfg["max_centroid_shift"]))
-        x, y = fit["x"], fit["y"]
-        sign = 1.0 if (fit["ok"] and fit["flux"] >= 0) or (not fit["ok"] and c.has_pos) else -1.0
-        ixx, iyy, ixy = weighted_moments(pix, x, y, fwhm / 2.3548, sign)
-
-        # Pixel flags: within 2 FWHM, and the central 3x3.
-        r_flag = int(np.ceil(2 * fwhm))
-        ixc, iyc = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        reg = mask[max(0, iyc - r_flag) : iyc + r_flag + 1, max(0, ixc - r_flag) : ixc + r_flag + 1]
-        cen = mask[max(0, iyc - 1) : iyc + 2, max(0, ixc - 1) : ixc + 2]
-
-        def anyp(region, *planes):
-            return bool(region.size and masks.is_set(region, *planes).any())
-
-        sf, sfe, sflag = _forced_flux(science, sci_pix, x, y, scale)
-        tf, tfe, tflag = _forced_flux(template, tmpl_pix, x, y, scale)
-        ns = detections.noise_scale  # correlated-noise correction of PSF-weighted errors
-        isdip = bool(
+    sf, sfe, sflag = _forced_flux_batch(science, sci_pix, x, y, scale)
+    tf, tfe, tflag = _forced_flux_batch(template, tmpl_pix, x, y, scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        isdip = (
             dip["ok"]
-            and dip["fluxPos"] > 0 > dip["fluxNeg"]
-            and dip["fluxPos"] / (dip["fluxPosErr"] * ns) >= cfg["dipole_min_lobe_snr"]
-            and -dip["fluxNeg"] / (dip["fluxNegErr"] * ns) >= cfg["dipole_min_lobe_snr"]
-            and abs(dip["fluxPos"] + dip["fluxNeg"]) / (dip["fluxPos"] - dip["fluxNeg"]) <= cfg["dipole_max_asymmetry"]
+            & (dip["fluxPos"] > 0) & (dip["fluxNeg"] < 0)
+            & (dip["fluxPos"] / (dip["fluxPosErr"] * ns) >= cfg["dipole_min_lobe_snr"])
+            & (-dip["fluxNeg"] / (dip["fluxNegErr"] * ns) >= cfg["dipole_min_lobe_snr"])
+            & (np.abs(dip["fluxPos"] + dip["fluxNeg"]) / (dip["fluxPos"] - dip["fluxNeg"]) <= cfg["dipole_max_asymmetry"])
         )
-        vals = {
-            "x": x, "y": y, "xErr": fit["xErr"] * ns, "yErr": fit["yErr"] * ns,
-            "psfFlux": fit["flux"] * scale, "psfFluxErr": fit["fluxErr"] * scale * ns,
-            "psfChi2Ndof": fit["chi2ndof"], "snr": c.peak_nu,
-            "isNegative": bool(c.has_neg and not c.has_pos), "isDipole": isdip,
-            "dipoleFluxPos": dip.get("fluxPos", np.nan) * scale, "dipoleFluxPosErr": dip.get("fluxPosErr", np.nan) * scale * ns,
-            "dipoleFluxNeg": dip.get("fluxNeg", np.nan) * scale, "dipoleFluxNegErr": dip.get("fluxNegErr", np.nan) * scale * ns,
-            "dipoleSeparation": np.hypot(dip["xPos"] - dip["xNeg"], dip["yPos"] - dip["yNeg"]) if dip["ok"] else np.nan,
-            "dipoleAngle": np.degrees(np.arctan2(dip["yPos"] - dip["yNeg"], dip["xPos"] - dip["xNeg"])) if dip["ok"] else np.nan,
-            "dipoleChi2Ndof": dip.get("chi2ndof", np.nan),
-            "ixx": ixx, "iyy": iyy, "ixy": ixy,
-            "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
-            "nPix": c.npix, "noiseScale": ns,
-            "psfFlux_flag": not fit["ok"], "centroid_flag": (not both) and not fit["centroid_ok"],
-            "shape_flag": not np.isfinite(ixx), "dipole_flag": both and not dip["ok"],
-            "forced_flag": sflag or tflag,
-            "pixelFlags_edge": fit["edge"] or anyp(reg, "EDGE", "NO_DATA"),
-            "pixelFlags_bad": anyp(reg, "BAD"), "pixelFlags_saturated": anyp(reg, "SAT"),
-            "pixelFlags_saturatedCenter": anyp(cen, "SAT"), "pixelFlags_cr": anyp(reg, "CR"),
-            "pixelFlags_crCenter": anyp(cen, "CR"), "pixelFlags_interpolated": anyp(reg, "INTRP"),
-            "pixelFlags_interpolatedCenter": anyp(cen, "INTRP"), "pixelFlags_suspect": anyp(reg, "SUSPECT"),
-            "pixelFlags_injected": anyp(reg, "INJECTED"), "pixelFlags_injectedCenter": anyp(cen, "INJECTED"),
-        }
-        for key, v in vals.items():
-            rows[key].append(v)
-        cut["difference"].append(_cutout(diffexp.image, x, y, size))
-        cut["science"].append(_cutout(science.image if science is not None else None, x, y, size))
-        cut["template"].append(_cutout(template.image if template is not None else None, x, y, size))
+    dok = dip["ok"]
+    rows = {
+        "x": x, "y": y, "xErr": fit["xErr"] * ns, "yErr": fit["yErr"] * ns,
+        "psfFlux": fit["flux"] * scale, "psfFluxErr": fit["fluxErr"] * scale * ns,
+        "psfChi2Ndof": fit["chi2ndof"], "snr": np.array([c.peak_nu for c in cands], float),
+        "isNegative": has_neg & ~has_pos, "isDipole": isdip,
+        "dipoleFluxPos": dip["fluxPos"] * scale, "dipoleFluxPosErr": dip["fluxPosErr"] * scale * ns,
+        "dipoleFluxNeg": dip["fluxNeg"] * scale, "dipoleFluxNegErr": dip["fluxNegErr"] * scale * ns,
+        "dipoleSeparation": np.where(dok, np.hypot(dip["xPos"] - dip["xNeg"], dip["yPos"] - dip["yNeg"]), np.nan),
+        "dipoleAngle": np.where(dok, np.degrees(np.arctan2(dip["yPos"] - dip["yNeg"], dip["xPos"] - dip["xNeg"])),
+                                np.nan),
+        "dipoleChi2Ndof": dip["chi2ndof"],
+        "ixx": ixx, "iyy": iyy, "ixy": ixy,
+        "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
+        "nPix": np.array([c.npix for c in cands], np.int64), "noiseScale": np.full(n, ns),
+        "psfFlux_flag": ~fit["ok"], "centroid_flag": ~both & ~fit["centroid_ok"],
+        "shape_flag": ~np.isfinite(ixx), "dipole_flag": both & ~dok,
+        "forced_flag": sflag | tflag,
+        "pixelFlags_edge": fit["edge"] | anyp(region, "EDGE", "NO_DATA"),
+        "pixelFlags_bad": anyp(region, "BAD"), "pixelFlags_saturated": anyp(region, "SAT"),
+        "pixelFlags_saturatedCenter": anyp(centre, "SAT"), "pixelFlags_cr": anyp(region, "CR"),
+        "pixelFlags_crCenter": anyp(centre, "CR"), "pixelFlags_interpolated": anyp(region, "INTRP"),
+        "pixelFlags_interpolatedCenter": anyp(centre, "INTRP"), "pixelFlags_suspect": anyp(region, "SUSPECT"),
+        "pixelFlags_injected": anyp(region, "INJECTED"), "pixelFlags_injectedCenter": anyp(centre, "INJECTED"),
+    }
+    cutouts = {"difference": _cutouts(diffexp.image, x, y, size),
+               "science": _cutouts(science.image if science is not None else None, x, y, size),
+               "template": _cutouts(template.image if template is not None else None, x, y, size)}
 
-    xs, ys = np.asarray(rows["x"]), np.asarray(rows["y"])
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
     # Aperture photometry, all sources at once (sep wants native-endian C arrays).
+    radii = [float(r) for r in cfg["aperture_radii"]]
     img32 = np.ascontiguousarray(np.where(valid, diffexp.image, 0), dtype=np.float32)
     var32 = np.ascontiguousarray(np.where(valid, diffexp.variance, 0), dtype=np.float32)
     bad = np.ascontiguousarray(~valid, dtype=np.uint8)
@@ -632,7 +1029,6 @@ def measure(diffexp: Exposure, detections: det.Detections, science: Exposure | N
     rows["detector"] = np.full(n, detector)
     rows["band"] = [band] * n
     rows["midpointMjdTai"] = np.full(n, midpoint_mjd(meta))
-    cutouts = {k: np.asarray(v, np.float32).reshape(n, size, size) for k, v in cut.items()}
     return _finish_table(rows), cutouts
 
 
