@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "exposures.schema.yaml"
 
 #: Columns of the resolved table, in order.
-COLUMNS = ["path", "visit", "detector", "band", "type", "mjd", "exptime", "template", "seq", "line"]
+COLUMNS = ["path", "visit", "detector", "band", "type", "mjd", "exptime", "template", "seq", "npix", "line"]
 #: Frame types, and the dataset type of the Butler each one is.
 DATASET_OF_TYPE = {"object": "raw", "bias": "raw_bias", "dark": "raw_dark", "flat": "raw_flat"}
 
@@ -272,6 +272,9 @@ def resolve_row(cells: dict[str, str], table, line: int, schema: dict | None = N
         raise ExposureTableError(f"{where}, column '{col}': {msg}")
     if rec.get("template") and rec["type"] != "object":
         raise ExposureTableError(f"{where}, column 'template': only object frames go into templates")
+    if check_headers:
+        # Pixels of the raw image (overscan included): the workflow sizes job memory from it.
+        rec["npix"] = int(header.get("NAXIS1", 0) or 0) * int(header.get("NAXIS2", 0) or 0)
     return rec
 
 
@@ -282,7 +285,8 @@ def read_exposure_table(path, check_headers: bool = True) -> pd.DataFrame:
     detector (int, -1 where not needed), band ('' for bias/dark), type, mjd
     (days) and exptime (s) (NaN where unknown), template (bool), seq (0, 1, ...
     within each calibration group of type, detector and band, in table order:
-    the ``{seq}`` of ``raw_bias`` etc.) and line (the table's line number).
+    the ``{seq}`` of ``raw_bias`` etc.), npix (NAXIS1 x NAXIS2 of the raw
+    image, 0 if headers were not read) and line (the table's line number).
 
     Raises ExposureTableError (one message naming the table, line and column) on
     a missing file, unknown column or frame type, a value missing from both
@@ -329,6 +333,7 @@ def _read_exposure_table(path: Path, check_headers: bool) -> pd.DataFrame:
     df["mjd"] = df["mjd"].astype(float)
     df["exptime"] = df["exptime"].astype(float)
     df["template"] = df["template"].fillna(False).astype(bool)
+    df["npix"] = df["npix"].fillna(0).astype(int)
     # Calibration frames of bias and dark have no band, whatever their FILTER card says.
     df.loc[df["type"].isin(["bias", "dark"]), "band"] = ""
     df.loc[df["type"] != "object", "visit"] = -1

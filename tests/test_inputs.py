@@ -72,6 +72,7 @@ def test_blank_cells_are_read_from_the_headers(night, tmp_path):
     # Calibration frames carry no visit, biases and darks no band (whatever EXPNUM/FILTER say).
     assert by.loc[night["b0"], "visit"] == -1 and by.loc[night["b0"], "band"] == ""
     assert list(df["line"]) == list(range(2, 9))
+    assert (df["npix"] == 16).all()  # 4 x 4 frames: job memory is sized from it
 
 
 def test_lookups_follow_table_order(night, tmp_path):

@@ -99,6 +99,8 @@ def detector_mem_mb(factor=1.0, base=500):
     """Memory (MB) for a per-detector job, from the detector size: factor x 4-byte images."""
     sim = config["simulate"]
     npix = sim["nx"] * sim["ny"]
+    if EXPOSURES is not None and EXPOSURES["npix"].max() > 0:
+        npix = int(EXPOSURES["npix"].max())  # the largest raw frame of the table
     return int(base + factor * npix * 4 / 1e6 * 12)
 
 
