@@ -570,8 +570,12 @@ class _BatchPsf:
         # half-maximum FWHM of each stamp (robust to Moffat wings), as psf.half_max_fwhm
         peak = stamps.max(axis=(1, 2))
         self.fwhm = np.sqrt(4.0 * np.count_nonzero(stamps >= 0.5 * peak[:, None, None], axis=(1, 2)) / np.pi)
-        r = int(min(h, max(6, np.ceil(3 * float(self.fwhm.max())))))
+        ri = np.minimum(h, np.maximum(6, np.ceil(3 * self.fwhm))).astype(int)  # each stamp's own crop
+        r = int(ri.max())
         crop = stamps[:, h - r : h + r + 1, h - r : h + r + 1]
+        if (ri < r).any():
+            off = np.abs(np.arange(-r, r + 1))
+            crop = crop * ((off[None, :, None] <= ri[:, None, None]) & (off[None, None, :] <= ri[:, None, None]))
         if pad:
             crop = np.pad(crop, ((0, 0), (pad, pad), (pad, pad)))
         self.half = r + pad
