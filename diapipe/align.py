@@ -219,8 +219,45 @@ def _apply(M, x, y):
     return M[0, 0] * x + M[0, 1] * y + M[0, 2], M[1, 0] * x + M[1, 1] * y + M[1, 2]
 
 
+def _count_matches(M, ref: Stars, ftree, match_radius: float) -> int:
+    tx, ty = _apply(M, ref.x, ref.y)
+    dd, _ = ftree.query(np.column_stack([tx, ty]), distance_upper_bound=match_radius)
+    return int(np.isfinite(dd).sum())
+
+
+def match_translation(ref: Stars, frm: Stars, match_radius: float = 3.0, nstars: int = 150):
+    """Pure shift ref -> frame by voting: the 2-D histogram of all pairwise offsets peaks at the shift.
+
+    Pointing offsets between frames of one field (no rotation, same camera) are the common case
+    in such archives; this finds them even when the brightest stars of the two frames are mostly
+    different ones (offsets of 1/4 frame, saturation, clouds), where triangles of the ~45 brightest
+    can lock onto a chance pattern.  Returns (2x3 matrix, number of stars it maps within
+    ``match_radius``).
+    """
+    n_r, n_f = min(nstars, len(ref.x)), min(nstars, len(frm.x))
+    dx = (frm.x[:n_f, None] - ref.x[None, :n_r]).ravel()
+    dy = (frm.y[:n_f, None] - ref.y[None, :n_r]).ravel()
+    b = 2.0  # px bins; a 3x3 box sum below catches peaks split between bins
+    ex = np.arange(np.floor(dx.min()) - b, dx.max() + 2 * b, b)
+    ey = np.arange(np.floor(dy.min()) - b, dy.max() + 2 * b, b)
+    h, _, _ = np.histogram2d(dy, dx, bins=(ey, ex))
+    from scipy.ndimage import uniform_filter
+
+    iy, ix = np.unravel_index(np.argmax(uniform_filter(h, 3, mode="constant")), h.shape)
+    near = (np.abs(dx - (ex[ix] + b / 2)) < 1.5 * b + 1) & (np.abs(dy - (ey[iy] + b / 2)) < 1.5 * b + 1)
+    M = np.array([[1.0, 0.0, np.median(dx[near])], [0.0, 1.0, np.median(dy[near])]])
+    ftree = cKDTree(np.column_stack([frm.x, frm.y]))
+    return M, _count_matches(M, ref, ftree, match_radius)
+
+
 def match_similarity(ref: Stars, frm: Stars, match_radius: float = 3.0, ntri: int = 45):
-    """Similarity transform ref -> frame from triangle invariants and voting; (M, n_matched)."""
+    """Similarity transform ref -> frame from triangle invariants and voting; (M, n_matched).
+
+    Two hypotheses compete on the same score (stars of the reference mapped within
+    ``match_radius`` of a frame star): the best triangle-derived similarity, and the best
+    pure shift (``match_translation``).  A match must map at least max(8, 8% of the stars) AND
+    several times what chance alignment gives in a crowded field (``_chance_matches``).
+    """
     inv_r, v_r = _triangles(ref.x, ref.y, ntri)
     inv_f, v_f = _triangles(frm.x, frm.y, ntri)
     if len(inv_r) == 0 or len(inv_f) == 0:
@@ -229,7 +266,7 @@ def match_similarity(ref: Stars, frm: Stars, match_radius: float = 3.0, ntri: in
     d, j = tree.query(inv_r, k=1, distance_upper_bound=0.01)
     cand = np.nonzero(np.isfinite(d))[0]
     ftree = cKDTree(np.column_stack([frm.x, frm.y]))
-    best, best_n = None, 0
+    best, best_n = match_translation(ref, frm, match_radius)
     rng = np.random.default_rng(0)
     if len(cand) > 600:
         cand = rng.choice(cand, 600, replace=False)
@@ -240,15 +277,19 @@ def match_similarity(ref: Stars, frm: Stars, match_radius: float = 3.0, ntri: in
         sc = np.hypot(M[0, 0], M[1, 0])
         if not 0.8 < sc < 1.25:
             continue
-        tx, ty = _apply(M, ref.x, ref.y)
-        dd, _ = ftree.query(np.column_stack([tx, ty]), distance_upper_bound=match_radius)
-        n = int(np.isfinite(dd).sum())
+        n = _count_matches(M, ref, ftree, match_radius)
         if n > best_n:
             best, best_n = M, n
-    need = max(8, int(0.08 * min(len(ref.x), len(frm.x))))
+    need = max(8, int(0.08 * min(len(ref.x), len(frm.x))), int(np.ceil(4 * _chance_matches(ref, frm, match_radius))))
     if best is None or best_n < need:
         raise DiapipeError(f"no consistent star pattern found (best {best_n} matched stars, need {need})")
     return best, best_n
+
+
+def _chance_matches(ref: Stars, frm: Stars, match_radius: float) -> float:
+    """Expected number of reference stars landing within ``match_radius`` of some frame star by chance."""
+    area = max(np.ptp(frm.x) * np.ptp(frm.y), 1.0)
+    return len(ref.x) * min(1.0, len(frm.x) * np.pi * match_radius**2 / area)
 
 
 @dataclass
@@ -265,6 +306,7 @@ class Alignment:
     n_matched: int = 0
     similarity: np.ndarray = field(default_factory=lambda: np.eye(2, 3))
     flux_ratio: float = 1.0  # frame flux / reference flux, from matched stars (median)
+    rms_bright: float = np.nan  # px, as ``rms`` on the brighter half (by S/N) of the fitted stars
 
     def __call__(self, x, y):
         A = poly_design(x, y, self.order, self.x0, self.y0, self.scale, self.scale)
@@ -279,8 +321,13 @@ class Alignment:
         return ((xp - xm) * (yq - yn) - (xq - xn) * (yp - ym)) / (4 * h * h)
 
 
-def fit_alignment(ref: Stars, frm: Stars, order: int = 2, match_radius: float = 3.0, shape=(512, 512)) -> Alignment:
-    """Triangle-match then fit a polynomial of ``order`` ref -> frame with 3-sigma clipping."""
+def fit_alignment(ref: Stars, frm: Stars, order: int = 2, match_radius: float = 3.0, shape=(512, 512),
+                  min_stars: int = 10) -> Alignment:
+    """Triangle-match then fit a polynomial of ``order`` ref -> frame with 3-sigma clipping.
+
+    DiapipeError if fewer than ``min_stars`` paired stars survive the clipping: a fit through
+    a handful of stars has a meaningless (near-zero) RMS and is most likely a false match.
+    """
     M, _ = match_similarity(ref, frm, match_radius)
     ftree = cKDTree(np.column_stack([frm.x, frm.y]))
     x0, y0, sc = (shape[1] - 1) / 2, (shape[0] - 1) / 2, max(shape) / 2
@@ -301,10 +348,18 @@ def fit_alignment(ref: Stars, frm: Stars, order: int = 2, match_radius: float = 
         guide = lambda x, y, cx=cx, cy=cy, o=o: (poly_design(x, y, o, x0, y0, sc, sc) @ cx,  # noqa: E731
                                                  poly_design(x, y, o, x0, y0, sc, sc) @ cy)
         radius = 1.0
+    if use.sum() < min_stars:
+        raise DiapipeError(f"only {int(use.sum())} stars survive the polynomial fit (need {min_stars}): "
+                           f"too few common stars to trust the alignment")
     rms = float(np.sqrt(np.mean(rx[use] ** 2 + ry[use] ** 2) / 2))
+    # the brighter half of the fitted stars: if their RMS is much lower, the residual is centroid
+    # noise of the fainter ones (not a transform the polynomial cannot follow)
+    snr = np.minimum(ref.snr[ri], frm.snr[fj])
+    bright = use & (snr >= np.median(snr[use]))
+    rms_b = float(np.sqrt(np.mean(rx[bright] ** 2 + ry[bright] ** 2) / 2)) if bright.sum() >= 3 else rms
     fr = frm.flux[fj][use] / ref.flux[ri][use]
     fr = float(np.median(fr[np.isfinite(fr) & (fr > 0)])) if np.any(fr > 0) else 1.0
-    return Alignment(o, cx, cy, x0, y0, sc, rms, int(use.sum()), M, fr)
+    return Alignment(o, cx, cy, x0, y0, sc, rms, int(use.sum()), M, fr, rms_b)
 
 
 def _fit_poly(ref, frm, ri, fj, order, x0, y0, sc):
@@ -347,23 +402,42 @@ def empirical_psf(exp: Exposure, stars: Stars, size: int = 25, nmax: int = 40) -
     """Constant PixelPsf: median of bright isolated star stamps, each Lanczos-shifted to the stamp centre."""
     c = (size - 1) / 2
     tree = cKDTree(np.column_stack([stars.x, stars.y]))
+    v, u = np.mgrid[:size, :size]
+    ring = np.hypot(u - c, v - c) >= c - 2
+    core = np.hypot(u - c, v - c) <= min(2.0 * (stars.fwhm if np.isfinite(stars.fwhm) else 4.0), c - 3)
     stamps = []
-    for x, y, f in sorted(zip(stars.x, stars.y, stars.flux), key=lambda t: -t[2]):
+    # centre each stamp on the star's own windowed centroid at its seeing: ``stars`` positions
+    # are measured at a common degraded seeing (blend-biased by design), and mis-centred
+    # stamps would broaden the median PSF
+    img = np.ascontiguousarray(exp.image, dtype=np.float64)
+    bad = masks.is_set(exp.mask, *masks.BAD_PLANES)
+    sig = max(stars.fwhm, 1.0) / 2.355 if np.isfinite(stars.fwhm) else 1.5
+    xw, yw, fl = sep.winpos(img, stars.x, stars.y, np.full(len(stars.x), sig), mask=bad)
+    shift_ok = (fl == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - stars.x, yw - stars.y) < 2.0)
+    for x, y, f, ok_c in sorted(zip(xw, yw, stars.flux, shift_ok), key=lambda t: -t[2]):
         if len(stamps) >= nmax:
             break
-        if len(tree.query_ball_point([x, y], size)) > 1:
+        if not ok_c or len(tree.query_ball_point([x, y], size)) > 1:
             continue
-        v, u = np.mgrid[:size, :size]
         xs, ys = (u - c + x).ravel(), (v - c + y).ravel()
         val, _, msk, ok = lanczos_resample(exp.image, xs, ys, mask=exp.mask)
         if not ok.all() or (msk & masks.bits(*masks.BAD_PLANES)).any():
             continue
         st = val.reshape(size, size)
-        stamps.append(st / st.sum())
+        # local background from the stamp's outer ring: in a crowded field the global sky fit leaves
+        # a pedestal of unresolved stars that would otherwise broaden the PSF (and its peak/flux width)
+        st = st - np.median(st[ring])
+        # normalise by the flux within 2 FWHM, not the whole stamp: faint neighbours inside the
+        # stamp would lower every star's normalised peak (a too-broad core); the median over
+        # stars then removes the neighbours, and the final PSF is normalised once, wings included
+        fc = st[core].sum()
+        if fc <= 0:
+            continue
+        stamps.append(st / fc)
     if len(stamps) < 3:
         raise DiapipeError(f"only {len(stamps)} isolated stars for the PSF", exp.metadata.get("FRAME"))
-    psf = np.median(stamps, axis=0)
-    return PixelPsf.constant(np.clip(psf, 0, None))
+    psf = np.clip(np.median(stamps, axis=0), 0, None)
+    return PixelPsf.constant(psf / psf.sum())
 
 
 # ---------------------------------------------------------------- series
@@ -403,7 +477,8 @@ def align_series(paths, reference=None, order: int = 2, gain=None, read_noise=No
         a.metadata["REFFRAME"] = Path(reference).name
         a.metadata["SEEINGPX"] = stars[p].fwhm
         aligned.append(a)
-        rows.append({"frame": Path(p).name, "n_matched": al.n_matched, "rms_px": al.rms, "fwhm_px": stars[p].fwhm,
+        rows.append({"frame": Path(p).name, "n_matched": al.n_matched, "rms_px": al.rms,
+                     "rms_bright_px": al.rms_bright, "fwhm_px": stars[p].fwhm,
                      "flux_ratio": al.flux_ratio, "order": al.order, "reference": Path(reference).name})
     return aligned, rows
 

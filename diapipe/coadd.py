@@ -106,7 +106,7 @@ def _gauss_sigma(stamp) -> float:
 
 
 def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float = 2.5, ampfrac: float = 0.5,
-                   matched_ampfrac: float = 0.2, grow: int | None = None) -> list[np.ndarray]:
+                   matched_ampfrac: float = 0.2, grow: int | None = None, flux_frac: float = 0.03) -> list[np.ndarray]:
     """Boolean maps, one per warp, of pixels to drop as single-visit artefacts.
 
     Where >= 3 warps cover a pixel each is compared with their median; where
@@ -135,9 +135,12 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
         # PSF-matched copies: Gaussian-convolve each warp to the worst seeing
         mimg = np.empty_like(img)
         mvar = np.empty_like(var)
-        for i in range(n):
-            mimg[i], mvar[i] = _match_to(img[i], var[i], valid[i], sig[i], smax)
         ref, ref_var, _ = _reference(img, var)
+        kern = _kernels_from_stars(img, ref, ref_var, valid, smax)
+        if kern is None:  # too few stars in common: trust the PSF models
+            kern = _matching_kernels(warps, sig)
+        for i in range(n):
+            mimg[i], mvar[i] = _match_to(img[i], var[i], valid[i], 0.0, kern[i])
         mref, mref_var, mn = _reference(mimg, mvar)
         local_peak = ndimage.maximum_filter(np.nan_to_num(np.abs(ref)), size=peak_box)
         mpeak = ndimage.maximum_filter(np.nan_to_num(np.abs(mref)), size=peak_box)
@@ -149,13 +152,22 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
             # unmatched: sharp outliers, tolerant of seeing differences near stars via the local peak
             d = img[i] - ri
             sharp = np.abs(d) > nsigma * np.sqrt(var[i] + rvi) + ampfrac * local_peak
-            # matched: anything PSF-like or extended
-            z = (mimg[i] - mri) / np.sqrt(mvar[i] + mrvi)
-            zz = np.abs(z) - np.nan_to_num(matched_ampfrac * mpeak / np.sqrt(mvar[i] + mrvi))
+            # matched: anything PSF-like or extended.  z is rescaled by its own robust scatter
+            # (never below 1): smoothing correlated (resampled) noise, and PSF-model mismatch in a
+            # crowded field where every pixel is near a star, make the propagated variance too
+            # small, and the 2.5-sigma hysteresis level then percolates through the whole field.
+            msig = np.sqrt(mvar[i] + mrvi)
+            z = (mimg[i] - mri) / msig
+            msig *= _robust_scale(z[mn >= 2])
+            z = (mimg[i] - mri) / msig
+            zz = np.abs(z) - np.nan_to_num(matched_ampfrac * mpeak / msig)
             zz = np.where(mn >= 2, zz, 0.0)
             # with only two inputs a disagreement is blamed on the brighter one (artefacts add light)
             pos_only = (two & (d < 0)) | (mtwo & (z < 0))
             high = ((zz > nsigma) | sharp) & ~pos_only & (nval >= 2) & valid[i]
+            # a seeing mismatch moves a star's light around but conserves it; an artefact adds light
+            high = (high & ~_flux_conserving(high & ~sharp, d, var[i] + rvi, ri, int(np.ceil(2 * 2.355 * smax)),
+                                             nsigma, flux_frac)) | (high & sharp)
             # the hysteresis level has no slack: an artefact found on the sky next to a star (a trail
             # crossing it) is followed into the star, as long as it stays within 2 FWHM of a seed
             zlow = np.where(mn >= 2, np.abs(np.nan_to_num(z)), 0.0)
@@ -175,6 +187,123 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
                 flagged = ndimage.binary_dilation(flagged, structure=np.ones((3, 3), bool), iterations=grow)
             out[i] = flagged & valid[i]
     return out
+
+
+def _flux_conserving(seeds, d, dvar, ref, r: int, nsigma: float, flux_frac: float) -> np.ndarray:
+    """Seed regions whose residual integrates to ~0 over a box 2r+1 wider: PSF mismatch, not an artefact.
+
+    ``d`` is the unmatched difference (warp - reference) and ``dvar`` its variance.  A region
+    is flux-conserving when |sum d| < nsigma x sqrt(1.3 sum dvar) + flux_frac x sum |ref| over
+    the box (1.3: the Lanczos noise correlation of sums; flux_frac: photometric-scale and
+    PSF-wing slack).  Cosmic rays, trails, movers and transients all add net light.
+    """
+    out = np.zeros(seeds.shape, bool)
+    if not seeds.any():
+        return out
+    lab, nlab = ndimage.label(ndimage.binary_dilation(seeds, iterations=2))
+    dd = np.nan_to_num(d)
+    vv = np.nan_to_num(dvar)
+    rr = np.abs(np.nan_to_num(ref))
+    ny, nx = seeds.shape
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        y0, y1 = max(sl[0].start - r, 0), min(sl[0].stop + r, ny)
+        x0, x1 = max(sl[1].start - r, 0), min(sl[1].stop + r, nx)
+        tot = dd[y0:y1, x0:x1].sum()
+        tol = nsigma * np.sqrt(1.3 * vv[y0:y1, x0:x1].sum()) + flux_frac * rr[y0:y1, x0:x1].sum()
+        if abs(tot) < tol:
+            out[sl] |= lab[sl] == k
+    return out & seeds
+
+
+def _kernels_from_stars(img, ref, ref_var, valid, smax, nmax: int = 100, min_stars: int = 10):
+    """Gaussian sigma (px) per warp that brings its star cores to the broadest warp's, measured on the data.
+
+    The same bright, locally dominant stars (peaks of the median stack above 50 sigma, no
+    brighter peak within 3 FWHM, covered by every warp) are measured in every warp: the
+    fraction of a star's flux (box of side 6 FWHM) in its central 3 x 3 pixels.  For a
+    Gaussian of sigma s that fraction is erf(1.5 / (s sqrt 2))^2, which gives each warp an
+    effective core width; the kernel is the quadrature difference to the broadest.  Empirical
+    PSF models of crowded real frames are noisy at the 10% level in their peaks, enough to
+    make every star core look like an outlier; the stars themselves are not.
+    Returns None if fewer than ``min_stars`` such stars exist.
+    """
+    from scipy.special import erf
+
+    n = img.shape[0]
+    r = int(np.ceil(3 * 2.355 * smax))  # half-box: 3 FWHM
+    allv = valid.all(axis=0)
+    clean = np.where(allv, np.nan_to_num(ref), 0.0)
+    sn = clean / np.sqrt(np.where(allv & (ref_var > 0), ref_var, np.inf))
+    mx = ndimage.maximum_filter(clean, size=2 * r + 1)
+    ny, nx = clean.shape
+    yy, xx = np.nonzero((clean == mx) & (sn > 50))
+    inside = (yy >= r) & (yy < ny - r) & (xx >= r) & (xx < nx - r)
+    yy, xx = yy[inside], xx[inside]
+    if len(yy) < min_stars:
+        return None
+    order = np.argsort(-clean[yy, xx])[:nmax]
+    yy, xx = yy[order], xx[order]
+    frac = np.full((n, len(yy)), np.nan)
+    for k, (y, x) in enumerate(zip(yy, xx)):
+        box = img[:, y - r:y + r + 1, x - r:x + r + 1]
+        if not np.isfinite(box).all():
+            continue
+        tot = box.sum(axis=(1, 2)) - box[:, [0, -1], :].mean(axis=(1, 2)) * box[0].size  # edge rows: local sky
+        core = img[:, y - 1:y + 2, x - 1:x + 2].sum(axis=(1, 2)) - box[:, [0, -1], :].mean(axis=(1, 2)) * 9
+        frac[:, k] = core / tot
+    good = np.isfinite(frac).all(axis=0) & (frac > 0).all(axis=0) & (frac < 1).all(axis=0)
+    if good.sum() < min_stars:
+        return None
+    f = np.median(frac[:, good], axis=1)
+    # invert erf(1.5 / (s sqrt 2))^2 = f for s
+    from scipy.special import erfinv
+
+    s_eff = 1.5 / (np.sqrt(2) * erfinv(np.sqrt(np.clip(f, 1e-6, 1 - 1e-9))))
+    log.info("PSF matching from %d stars: effective core sigma %s px", int(good.sum()), np.round(s_eff, 2))
+    return np.sqrt(np.maximum(s_eff.max() ** 2 - s_eff**2, 0.0))
+
+
+def _matching_kernels(warps, sig) -> np.ndarray:
+    """Gaussian sigma (px) per warp that brings its PSF model's peak down to the lowest peak among them.
+
+    Matching peaks (a star's core, where seeing differences leave the largest residuals)
+    rather than Gaussian widths: real PSFs differ in their wings (Moffat, tracking, focus),
+    and a width from peak/flux then over- or under-smooths the cores.  Without PSF models,
+    Gaussian widths ``sig`` are matched to the largest.
+    """
+    smax = float(np.max(sig))
+    stamps = []
+    for w in warps:
+        if w.psf is None:
+            return np.sqrt(np.maximum(smax**2 - np.asarray(sig) ** 2, 0.0))
+        ok = ~masks.is_set(w.mask, "NO_DATA")
+        yc, xc = np.argwhere(ok).mean(axis=0) if ok.any() else (w.shape[0] / 2, w.shape[1] / 2)
+        st = np.clip(np.asarray(w.psf.image(xc, yc), float), 0, None)
+        stamps.append(np.pad(st / st.sum(), 3 * int(np.ceil(smax))))
+    target = min(st.max() for st in stamps)
+    out = []
+    for st in stamps:
+        lo, hi = 0.0, 2.0 * smax + 1.0
+        if st.max() <= target * 1.001:
+            out.append(0.0)
+            continue
+        for _ in range(25):  # bisection: the peak falls monotonically with the kernel width
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if ndimage.gaussian_filter(st, mid).max() > target else (lo, mid)
+        out.append(0.5 * (lo + hi))
+    return np.asarray(out)
+
+
+def _robust_scale(z) -> float:
+    """Scatter of z from its median absolute deviation (1.4826 MAD), at least 1."""
+    z = z[np.isfinite(z)]
+    if z.size < 100:
+        return 1.0
+    if z.size > 200_000:  # a regular subsample is plenty for a scale
+        z = z[:: z.size // 100_000]
+    return float(max(1.0, 1.4826 * np.median(np.abs(z - np.median(z)))))
 
 
 def _reference(img, var):
