@@ -52,8 +52,20 @@ def _nearest(src_xy, dst_xy, radius):
     return i, d
 
 
+#: A detected fake's diaSource is a clean PSF measurement when none of these is set: the fit
+#: worked, its centroid was fitted (no dipole lobe, no fixed position), and no defect, saturated
+#: star, cosmic ray, interpolation or image edge touches its core.  Flux and centroid accuracy
+#: are quoted for clean measurements (the flagged ones are flagged because they are not).
+CLEAN_FLAGS = ("psfFlux_flag", "centroid_flag", "dipole_flag", "pixelFlags_edge", "pixelFlags_saturated",
+               "pixelFlags_badCenter", "pixelFlags_crCenter", "pixelFlags_interpolatedCenter",
+               "pixelFlags_suspectCenter")
+
+
 def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> pd.DataFrame:
-    """Fakes with detected, diaSourceId, psfFlux(Err), measured x/y and offsets (per visit, detector)."""
+    """Fakes with detected, diaSourceId, psfFlux(Err), measured x/y and offsets (per visit, detector).
+
+    ``clean``: detected, and its diaSource has none of ``CLEAN_FLAGS`` and no negative lobe.
+    """
     out = []
     for (v, d), f in fakes.groupby(["visit", "detector"], sort=True):
         s = dia[(dia["visit"] == v) & (dia["detector"] == d) & ~dia["isNegative"].astype(bool)]
@@ -69,6 +81,13 @@ def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> 
             f[col] = np.where(hit, vals[np.clip(idx, 0, max(len(vals) - 1, 0))] if len(vals) else fill, fill)
         f["dx"] = f["xMeas"] - f["x"]
         f["dy"] = f["yMeas"] - f["y"]
+        flagged = np.zeros(len(s), bool)
+        for col in CLEAN_FLAGS:
+            if col in s:
+                flagged |= s[col].to_numpy(bool)
+        if "dipoleChi2Ndof" in s:  # a negative lobe was fitted: psfFlux at a fixed (midpoint) position
+            flagged |= np.isfinite(s["dipoleChi2Ndof"].to_numpy(float))
+        f["clean"] = hit & ~(flagged[np.clip(idx, 0, max(len(s) - 1, 0))] if len(s) else True)
         out.append(f)
     return pd.concat(out, ignore_index=True) if out else fakes.assign(detected=False)
 
@@ -104,6 +123,19 @@ def add_diff_snr(fakes: pd.DataFrame, diffexps: dict, dia: pd.DataFrame | None =
     out["snrDiff"] = snr / scale
     out["psfFwhm"] = fwhm
     return out
+
+
+def _centroid_accuracy(d: pd.DataFrame, snr_col: str) -> dict:
+    """std of the centroid offsets in units of FWHM / (2.35 S/N) (the photon-limited expectation;
+    background-limited PSF fits reach sqrt(2) times that, the Cramer-Rao bound), per axis."""
+    if len(d) < 3 or "psfFwhm" not in d or not np.isfinite(d["psfFwhm"]).any():
+        return {}
+    unit = d["psfFwhm"] / (2.3548 * d[snr_col])
+    rx, ry = d["dx"] / unit, d["dy"] / unit
+    return {"centroid_std_x_over_fwhm_2.35snr": float(np.std(rx)),
+            "centroid_std_y_over_fwhm_2.35snr": float(np.std(ry)),
+            "centroid_std_x_over_crb": float(np.std(rx) / np.sqrt(2)),
+            "centroid_std_y_over_crb": float(np.std(ry) / np.sqrt(2))}
 
 
 def wilson(k, n, z=1.0):
@@ -172,6 +204,7 @@ def curve(matched: pd.DataFrame, by: str, bins) -> pd.DataFrame:
                 "fluxBiasMedian": float(np.median(rel)) if len(d) else np.nan,
                 "fluxPullStd": float(np.std(pull)) if len(d) > 2 else np.nan,
                 "fluxPullRobustStd": _robust_std(pull),
+                "fluxPullStdClean": float(np.std(pull[d["clean"]])) if "clean" in d and d["clean"].sum() > 2 else np.nan,
                 "posErrX": float(np.std(d["dx"])) if len(d) > 2 else np.nan,
                 "posErrY": float(np.std(d["dy"])) if len(d) > 2 else np.nan,
             })
@@ -305,13 +338,23 @@ def summary(matched: pd.DataFrame, classes: pd.DataFrame | None, snr_col: str, r
             continue
         fit = fit_completeness(m[snr_col], m["detected"])
         s7 = m[(m[snr_col] >= 6.5) & (m[snr_col] < 7.5)]
-        d = m[m["detected"] & (m[snr_col] >= 10)]
+        d_all = m[m["detected"] & (m[snr_col] >= 10)]
+        d = d_all[d_all["clean"]] if "clean" in d_all else d_all
+        pull = (d["psfFlux"] - d["flux_nJy"]) / d["psfFluxErr"]
+        pull_all = (d_all["psfFlux"] - d_all["flux_nJy"]) / d_all["psfFluxErr"]
         res[kind] = {
             "n": int(len(m)),
             "fit": fit,
             "completeness_snr_6.5_7.5": float(s7["detected"].mean()) if len(s7) else None,
+            # flux and centroid accuracy: clean measurements (CLEAN_FLAGS) of fakes with S/N >= 10
+            "n_detected_snr_gt10": int(len(d_all)),
+            "n_clean_snr_gt10": int(len(d)),
             "flux_bias_median_snr_gt10": float(np.median((d["psfFlux"] - d["flux_nJy"]) / d["flux_nJy"])) if len(d) else None,
-            "flux_pull_std_snr_gt10": float(np.std((d["psfFlux"] - d["flux_nJy"]) / d["psfFluxErr"])) if len(d) > 2 else None,
+            "flux_pull_std_snr_gt10": float(np.std(pull)) if len(d) > 2 else None,
+            "flux_pull_robust_std_snr_gt10": _robust_std(pull) if len(d) > 2 else None,
+            "flux_pull_std_snr_gt10_all": float(np.std(pull_all)) if len(d_all) > 2 else None,
+            "flux_pull_robust_std_snr_gt10_all": _robust_std(pull_all) if len(d_all) > 2 else None,
+            **_centroid_accuracy(d, snr_col),
         }
     if classes is not None and len(classes):
         per = classes.groupby(["visit", "detector"])["truthClass"].apply(lambda s: int((s == "false").sum()))

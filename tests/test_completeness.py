@@ -53,3 +53,21 @@ def test_template_visits_default_to_the_visits_without_a_difference_image():
     dia, _, _ = measure.detect_and_measure(diff.copy())
     rec = completeness.truth_recovery(dia, tf, ts, {(2, 0): diff}).set_index("source_id")
     assert rec.loc[1, "fluxDiff_nJy"] == b
+
+
+def test_fakes_measured_next_to_a_bad_column_are_not_clean():
+    """A fake whose core touches BAD pixels loses part of its PSF fit: detected, flagged, not 'clean'."""
+    from diapipe import masks
+
+    fk = pd.DataFrame({"fakeId": [1, 2], "visit": [2, 2], "detector": [0, 0], "x": [100.0, 300.0],
+                       "y": [100.0, 300.0], "flux": [3000.0, 3000.0], "flux_nJy": [3000.0, 3000.0],
+                       "kind": ["isolated", "isolated"]})
+    diff = make_diffexp((400, 400), FWHM, SIGMA, [(100.0, 100.0, 3000.0), (300.0, 300.0, 3000.0)], seed=5,
+                        visit=2, detector=0)
+    bad = np.zeros(diff.shape, bool)
+    bad[:, 101:104] = True  # a bad column band one pixel from the first fake's centre
+    masks.set_plane(diff.mask, bad, "BAD")
+    dia, _, _ = measure.detect_and_measure(diff.copy())
+    m = completeness.match_fakes(dia, fk, 2.0).set_index("fakeId")
+    assert m["detected"].all()
+    assert not m.loc[1, "clean"] and m.loc[2, "clean"]
