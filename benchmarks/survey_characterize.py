@@ -1,7 +1,7 @@
 """Measure characterization against truth on exposures of the simulated survey.
 
     .venv/bin/python benchmarks/survey_characterize.py [--config config/config.yaml ...]
-        [--visits 0,1,2] [--detectors 0,1] [--out results.jsonl]
+        [--visits 0,1,2] [--detectors 0,1] [--out results.jsonl] [--cache DIR]
 
 For each (visit, detector) the simulator renders the truth exposure; the
 "postisr" is truth + Gaussian noise of the truth variance with the truth masks
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -30,8 +31,18 @@ from diapipe.exposure import Exposure, MaskedImage
 from diapipe.seeds import rng_for
 
 
-def postisr_from_truth(plan, cfg, visit, detector):
-    _, truth = S.simulate_raw(cfg, plan, visit, detector)
+def postisr_from_truth(plan, cfg, visit, detector, cache=None):
+    truth = None
+    if cache:
+        # the noiseless truth takes ~10x longer to render than characterize takes to run
+        cpath = Path(cache) / f"truth_{visit}_{detector}.fits"
+        if cpath.exists():
+            truth = Exposure.read(cpath)
+    if truth is None:
+        _, truth = S.simulate_raw(cfg, plan, visit, detector)
+        if cache:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            truth.write(cpath)
     rng = rng_for(cfg["seed"], "characterize-test-noise", visit=visit, detector=detector)
     img = truth.image + rng.standard_normal(truth.shape).astype(np.float32) * np.sqrt(truth.variance)
     meta = {k: truth.metadata[k] for k in ("visit", "detector", "band", "MJD-OBS", "EXPTIME")}
@@ -40,8 +51,8 @@ def postisr_from_truth(plan, cfg, visit, detector):
     return post, truth
 
 
-def measure(plan, cfg, visit, detector, char_cfg=None) -> dict:
-    post, truth = postisr_from_truth(plan, cfg, visit, detector)
+def measure(plan, cfg, visit, detector, char_cfg=None, cache=None) -> dict:
+    post, truth = postisr_from_truth(plan, cfg, visit, detector, cache)
     t0 = time.process_time()
     calexp, src = characterize(post, plan.refcat, char_cfg or cfg.get("characterize"))
     cpu = time.process_time() - t0
@@ -78,6 +89,7 @@ def main(argv=None):
     p.add_argument("--visits", help="comma-separated (default: all)")
     p.add_argument("--detectors", help="comma-separated (default: all)")
     p.add_argument("--out", help="append one JSON line per exposure here")
+    p.add_argument("--cache", help="directory keeping the rendered truth exposures (FITS, ~50 MB each) between runs")
     args = p.parse_args(argv)
     cfg = dpconfig.load(*args.config)
     plan = S.plan_survey(cfg)
@@ -87,7 +99,7 @@ def main(argv=None):
     for v in visits:
         for d in dets:
             try:
-                row = measure(plan, cfg, v, d)
+                row = measure(plan, cfg, v, d, cache=args.cache)
             except Exception as exc:  # report and carry on, as --keep-going would
                 row = dict(visit=v, detector=d, error=str(exc))
             print(json.dumps(row), flush=True)
