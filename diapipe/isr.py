@@ -592,6 +592,25 @@ def _noise(floor, scale, ys, xs, m5, off):
     return np.sqrt(np.maximum(fl + sc * np.maximum(m5, 0), 1e-6))
 
 
+def _distinct_pixels(ys, xs, offsets, shape):
+    """The distinct pixels (mirrored at the edges) of the boxes ys+dy, xs+dx, and for each
+    box entry its index among them: (py, px, inv) with inv of shape (n, len, len).
+
+    Mirroring is symmetric, so a box statistic centred on the mirrored pixel equals the
+    one centred on the pixel beyond the edge.  A flag image instead of np.unique: no sort.
+    """
+    ny, nx = shape
+    lin = (_reflect(ys[:, None, None] + offsets[None, :, None], ny) * nx
+           + _reflect(xs[:, None, None] + offsets[None, None, :], nx))
+    flag = np.zeros(ny * nx, bool)
+    flag[lin.ravel()] = True
+    uniq = np.flatnonzero(flag)
+    del flag
+    ids = np.empty(ny * nx, np.int32)
+    ids[uniq] = np.arange(uniq.size, dtype=np.int32)
+    return uniq // nx, uniq % nx, ids[lin]
+
+
 def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
     """Exact L.A.Cosmic statistics at pixels (ys, xs).
 
@@ -600,6 +619,7 @@ def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
     S' = S - med5(S); F = med3(I) - med7(med3(I)).
     Since L+ >= 0, S' <= S at the centre: pixels whose central S is not above
     ``thresh`` are settled with 25 pixels each (S' reported as -inf, F as 1).
+    F and the peak are computed only where S' > ``thresh`` (elsewhere F = 1, peak 0).
     """
     n = len(ys)
     sp = np.full(n, -np.inf, np.float32)
@@ -617,19 +637,30 @@ def _local_stats(img, floor, scale, ys, xs, thresh=-np.inf, fine=True):
         return (sp, fs, pk) if fine else (sp, fs)
     ys, xs = ys[go], xs[go]
     k = go.size
-    # Stage 2: the full statistics.
-    win = _gather(img, ys, xs, _OFF9).astype(np.float32, copy=False)  # (k, 9, 9)
-    lp = _lplus_windows(win[:, 1:-1, 1:-1])  # (k, 5, 5)
-    m5 = _median_last(sliding_window_view(win, (5, 5), axis=(1, 2)).reshape(k, 5, 5, 25))
-    noise = _noise(floor, scale, ys, xs, m5, _OFF9[2:-2])
-    s = lp / (2 * noise)
-    sp[go] = s[:, 2, 2] - _median_last(s.reshape(k, 25))
+    # Stage 2: the full statistics at the 5x5 pixels around each candidate.  Candidates
+    # cluster (star cores), so each statistic is computed once per distinct pixel.
+    uy, ux, inv = _distinct_pixels(ys, xs, _OFF9[2:-2], img.shape)  # inv: (k, 5, 5)
+    w5 = _gather(img, uy, ux, _OFF9[2:-2]).astype(np.float32, copy=False)
+    m5u = _median_last(w5.reshape(len(uy), 25))
+    lpu = _lplus_windows(w5[:, 1:-1, 1:-1])[:, 0, 0]
+    del w5
+    noise_u = _noise(floor, scale, uy, ux, m5u[:, None, None], np.zeros(1, int))[:, 0, 0]
+    s = (lpu / (2 * noise_u))[inv]
+    spk = s[:, 2, 2] - _median_last(s.reshape(k, 25))
+    sp[go] = spk
     if fine:
-        m3 = _median_last(sliding_window_view(win, (3, 3), axis=(1, 2)).reshape(k, 7, 7, 9))
-        f = m3[:, 3, 3] - _median_last(m3.reshape(k, 49))
-        fs[go] = np.maximum(f / noise[:, 2, 2], 0.01)
-        # How far the pixel stands above its own 3x3 median, in noise sigmas.
-        pk[go] = (win[:, 4, 4] - m3[:, 3, 3]) / noise[:, 2, 2]
+        # Fine structure only where S' passes ``thresh``: every caller tests S' > thresh
+        # first (most candidates are star pixels, whose S' the 5x5 median takes away).
+        sel = np.nonzero(spk > thresh)[0]
+        if sel.size:
+            y3, x3, inv3 = _distinct_pixels(ys[sel], xs[sel], _OFF9[1:-1], img.shape)  # (n, 7, 7)
+            m3 = _median_last(_gather(img, y3, x3, _OFF9[3:-3]).astype(np.float32, copy=False)
+                              .reshape(len(y3), 9))[inv3]
+            f = m3[:, 3, 3] - _median_last(m3.reshape(sel.size, 49))
+            nz = noise_u[inv[sel, 2, 2]]
+            fs[go[sel]] = np.maximum(f / nz, 0.01)
+            # How far the pixel stands above its own 3x3 median, in noise sigmas.
+            pk[go[sel]] = (img[ys[sel], xs[sel]] - m3[:, 3, 3]) / nz
     return (sp, fs, pk) if fine else (sp, fs)
 
 
