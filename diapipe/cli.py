@@ -30,6 +30,7 @@ STAGE_MODULES = [
     "diapipe.completeness",
     "diapipe.realbogus",
     "diapipe.associate",
+    "diapipe.report",
     "diapipe.ds9",
     "diapipe.aligned",
     "diapipe.docs",

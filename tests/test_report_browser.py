@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian 'chromium
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--enable-logging=stderr", "--v=0", "--hide-scrollbars"]
-SECTIONS = ("summary", "visits", "completeness", "roc", "gallery", "lightcurves")
+SECTIONS = ("summary", "visits", "diffexps", "kernel", "astrometry", "completeness", "roc", "gallery",
+            "lightcurves")
 
 
 def open_in_chromium(html_path, tmp_path, width=1280, height=2400):
@@ -55,6 +56,7 @@ def check_report_dom(dom, n_lightcurves_min=1):
     assert re.search(r"<h1>[^<]+</h1>", dom)
     for sid in SECTIONS:
         assert f'id="{sid}"' in dom or f"id='{sid}'" in dom, f"section #{sid} missing"
+        assert f'href="#{sid}"' in dom or f"href='#{sid}'" in dom, f"no link to section #{sid}"
     assert "<table" in dom
     # self-contained: every image inline, and every inline PNG decodes
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', dom)
@@ -103,16 +105,27 @@ def _synthetic_inputs(tmp_path):
 
 
 def test_synthetic_report_in_chromium(tmp_path):
-    """A report from small synthetic tables (no pipeline run): opens cleanly, sections and 4 light curves present."""
+    """A report from small synthetic tables and one difference image (no pipeline run): opens cleanly,
+    sections, the thumbnail and 4 light curves present, navigation links resolve to sections."""
+    import sys
+    from pathlib import Path
+
     from diapipe import report
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _detect_synth import make_diffexp
+
     p = _synthetic_inputs(tmp_path)
+    diff = tmp_path / "diff.fits"
+    make_diffexp(shape=(128, 128), visit=10, detector=0).write(diff)
     out = tmp_path / "report" / "index.html"
-    report.build(out, calexps={}, cutouts={}, dia_scored=p["dia"], dia_associated=p["dia"], objects=p["obj"],
-                 lightcurves=p["lc"], bench_dir=tmp_path / "no-benchmarks", title="synthetic run")
+    report.build(out, calexps={}, cutouts={}, diffexps={(10, 0): diff}, dia_scored=p["dia"],
+                 dia_associated=p["dia"], objects=p["obj"], lightcurves=p["lc"],
+                 bench_dir=tmp_path / "no-benchmarks", title="synthetic run")
     dom, console, shot = open_in_chromium(out, tmp_path)
     assert console == [], console
-    assert len(check_report_dom(dom, n_lightcurves_min=4)) >= 4
+    assert len(check_report_dom(dom, n_lightcurves_min=4)) >= 5
+    assert 'alt="difference image 10 0"' in dom
     check_png(shot)
 
 
@@ -125,6 +138,14 @@ def test_tiny_run_report_in_chromium(tiny_run, tmp_path):
     srcs = check_report_dom(dom)
     assert len(srcs) >= 3  # completeness, ROC, light curves at least
     assert "diaObject" in dom and "reliability" in dom.lower()
+    # the diagnostics added for issue 8: a thumbnail and a kernel figure per difference image, the kernel
+    # trends, the astrometry table, trends and truth residuals
+    n_thumbs = len(re.findall(r'alt="difference image \d+ \d+"', dom))
+    assert n_thumbs >= 2 and len(re.findall(r'alt="kernel \d+ \d+"', dom)) == n_thumbs
+    for alt in ("kernel diagnostics across visits", "WCS fit RMS across visits", "measured minus true positions"):
+        assert f'alt="{alt}"' in dom, alt
+    for col in ("wcsFitRms_mas", "nMatched", "fluxRatio", "depth5sigma", "seeing_arcsec"):
+        assert f"<th>{col}</th>" in dom, col
     img = check_png(shot)
     # the page is laid out, not one long blank: content in the top and the lower half of the screenshot
     rows = np.where(img.std(axis=(1, 2)) > 0.01)[0]
