@@ -87,3 +87,22 @@ def test_saao_frames_align_under_a_tenth_of_a_pixel():
     # the template's seeing (reported in its header) is that of its best frames, not of the worst
     assert co.metadata["SEEINGPX"] < fw[-1] and co.metadata["SEEINGPX"] < 1.15 * fw[2]
     assert co.metadata["FRAMES"].count(",") == 2 and co.metadata["REJFRAC"] < 0.05
+
+
+@pytest.mark.skipif(not SAAO.exists(), reason="SAAO KB13475 series not available")
+def test_saao_shallow_frame_is_not_matched_to_a_chance_pattern():
+    """I0011 against the series' best frame I0027: shifted by a few px only, but its 45 brightest
+    stars are mostly not the reference's (high sky, saturated bright stars).  The triangle vote
+    alone locked onto a false rotated pattern (rotation -81 deg, 1 'matched' star, RMS 0);
+    the pure-shift vote must win, and a fit through < 10 stars must be an error, never a result."""
+    ref, frm = (read_frame(SAAO / f"AKB13475I{k}.fits", 1.9, 5.0) for k in ("0027", "0011"))
+    sr, sf = detect_stars(ref), detect_stars(frm)
+    al = fit_alignment(sr, sf, order=2, shape=ref.shape)
+    M = al.similarity
+    assert abs(np.degrees(np.arctan2(M[1, 0], M[0, 0]))) < 0.5 and abs(np.hypot(M[0, 0], M[1, 0]) - 1) < 0.01
+    assert al.n_matched >= 12 and al.rms < 0.1
+    # the frame's own stars map onto the reference's: the shift is a few px, not hundreds
+    x, y = al(np.array([255.5]), np.array([255.5]))
+    assert np.hypot(x[0] - 255.5, y[0] - 255.5) < 10
+    with pytest.raises(DiapipeError, match="stars survive"):
+        fit_alignment(sr, sf, order=2, shape=ref.shape, min_stars=500)
