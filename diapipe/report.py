@@ -150,8 +150,8 @@ def asinh_zscale(values: np.ndarray, softening: float = 4.0, span: float = 25.0)
 def thumbnail_rgb(image: np.ndarray, mask: np.ndarray, planes: dict, max_size: int = 256) -> tuple[np.ndarray, int]:
     """Downsampled RGB (ny', nx', 3) of a difference image with masked pixels coloured; returns (rgb, factor).
 
-    Blocks that hold any defect pixel (DEFECT_PLANES) are blended with orange;
-    blocks more than half NO_DATA/EDGE are slate blue.
+    Blocks that hold any defect pixel (DEFECT_PLANES) are blended with orange (opaque
+    orange when the block has no good pixel); blocks more than half NO_DATA/EDGE are slate blue.
     """
     factor = max(1, int(np.ceil(max(image.shape) / max_size)))
     defect_bits = sum(1 << planes[p] for p in DEFECT_PLANES if p in planes)
@@ -163,8 +163,11 @@ def thumbnail_rgb(image: np.ndarray, mask: np.ndarray, planes: dict, max_size: i
     grey = asinh_zscale(mean)
     rgb = np.repeat(np.nan_to_num(grey, nan=0.5)[..., None], 3, axis=2)
     blk_defect = _blocks(defect, factor).any(axis=(1, 3))
-    blk_nodata = (_blocks(nodata, factor).mean(axis=(1, 3)) > 0.5) | ~np.isfinite(mean)
+    blk_nodata = _blocks(nodata, factor).mean(axis=(1, 3)) > 0.5
+    no_good = ~np.isfinite(mean)
+    blk_defect |= no_good & ~blk_nodata
     rgb[blk_defect] = 0.35 * rgb[blk_defect] + 0.65 * DEFECT_RGB
+    rgb[no_good & ~blk_nodata] = DEFECT_RGB
     rgb[blk_nodata] = NODATA_RGB
     return rgb, factor
 
@@ -318,7 +321,7 @@ def kernel_trends_figure(table: pd.DataFrame, stamps: pd.DataFrame | None = None
         a[1].plot(stamps["visit"] + jit, stamps["chi2_spatial"], ".", color="0.6", ms=2, zorder=0,
                   label="used stamps")
     a[1].axhline(1, color="0.5", lw=0.5), a[3].axhline(1, color="0.5", lw=0.5)
-    a[1].set_yscale("log")
+    a[1].set_ylim(bottom=0)
     for ax, t in zip(a, ("flux ratio science/template", "stamp reduced chi2", "kernel stamps",
                          "diff noise / predicted")):
         ax.set_title(t, fontsize=7)
@@ -615,7 +618,7 @@ def diffexp_sections(diffexps: dict, dia: pd.DataFrame, sink: FigureSink, thumbn
                                 f"visit {v} det {d}: {n} diaSources ({nrel} reliable)")
         caption = html.escape(f"visit {v} · detector {d} · {n} diaSources, {nrel} reliable · "
                               f"diff noise {diag['header'].get('DIFFRMS', float('nan')):.2f} x predicted")
-        thumbs.append(f"<div class='cell'>{sink.add(png, 'diffexps', f'diff_v{v}_d{d}', f'difference image {v} {d}')}"
+        thumbs.append(f"<div class='cell thumb'>{sink.add(png, 'diffexps', f'diff_v{v}_d{d}', f'difference image {v} {d}')}"
                       f"<br><small>{caption}</small></div>")
         rows.append({"visit": v, "detector": d, **kernel_row(diag)})
         if "stamps" in diag and "chi2_spatial" in diag["stamps"]:
@@ -662,7 +665,7 @@ def astrometry_section(calexps: dict, srcs: dict | None, truth_sources: pd.DataF
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1300px}h2{border-bottom:1px solid #ccc}
 .tab{border-collapse:collapse;font-size:12px}.tab td,.tab th{padding:2px 8px;border-bottom:1px solid #eee}
 .gallery{display:flex;flex-wrap:wrap;gap:6px}.cell{border:1px solid #ddd}.missing{color:#a00}
-nav a{margin-right:1em}"""
+nav a{margin-right:1em}.thumb{width:310px}"""
 
 SECTIONS = {"summary": "Run summary", "visits": "Exposures", "diffexps": "Difference images",
             "kernel": "PSF-matching kernels", "astrometry": "Astrometry", "completeness": "Completeness",

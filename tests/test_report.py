@@ -68,11 +68,15 @@ def test_thumbnail_masks_noise_and_sources():
     col = np.zeros(mask.shape, bool)
     col[:, 101] = True
     masks.set_plane(mask, col, "BAD")
+    blk = np.zeros(mask.shape, bool)
+    blk[400:440, 400:440] = True  # a fully masked defect region: orange, not "no data"
+    masks.set_plane(mask, blk, "BAD")
     rgb, f = report.thumbnail_rgb(exp.image, mask, dict(masks.MASK_PLANES), max_size=256)
     assert f == 2 and rgb.shape == (256, 256, 3)
     assert np.allclose(rgb[:, :20], report.NODATA_RGB)
     bad = rgb[:, 50]  # block column holding pixel column 101
     assert (bad[:, 0] - bad[:, 2] > 0.4).all(), "the 1-px bad column must show in a 2x binned thumbnail"
+    assert np.allclose(rgb[202:218, 202:218], report.DEFECT_RGB)
     clean = rgb[20:120, 120:240]
     assert np.allclose(clean[..., 0], clean[..., 2])
     g = clean[..., 0]
