@@ -22,7 +22,13 @@ Conventions
   one by more than ``flip_tolerance``, the other one is convolved and
   CONVFLIP=T records it.
 * Variance: var_sci + K^2 (*) var_tmpl (template mode), then corrected for
-  the decorrelation filter.  Mask: science mask OR template mask grown by the
+  the decorrelation filter.  With ``empirical_noise`` (default) each input's
+  blank-sky noise is first measured against its variance plane
+  (``measure_noise``): the plane is rescaled (SVARSCAL, TVARSCAL, as LSST's
+  ScaleVarianceTask) and the pixel correlation, fitted by the noise model of
+  n Lanczos-3 resamplings (SNRESAMP, TNRESAMP; ~2 for a template coadd
+  resampled onto the calexp), enters the convolved image's variance
+  (sum_ij K_i K_j cov_ij instead of K^2 (*) var) and the afterburner.  Mask: science mask OR template mask grown by the
   kernel footprint; pixels lacking data in either input are NO_DATA, with
   NaN image and variance.  Pixels within a kernel half-width of the border
   are EDGE.
@@ -31,7 +37,8 @@ Conventions
   rejected, with chi2), KSUMMAP (flux-ratio map on a coarse grid), SCORR
   (ZOGY only); header KSUM, FLUXRAT, KCHI2, NSTAMP, NREJ, KORDER, BGORDER,
   KFALLBK, CONVDIR, CONVREQ, CONVFLIP, PRECONV, DECORR, SUBMETH, KSIZE,
-  KSIGMAS, PSFSIGS, PSFSIGT, OVERLAP, NGOODPIX, DIFFRMS, SUBTIME, ...
+  KSIGMAS, PSFSIGS, PSFSIGT, OVERLAP, NGOODPIX, DIFFRMS, SUBTIME, EMPNOISE,
+  SVARSCAL, TVARSCAL, SNOISCOR, TNOISCOR, SNRESAMP, TNRESAMP, ...
 * When the science PSF is the sharper one (and ``template`` was asked for)
   the science image is convolved instead (CONVFLIP=T, default), and the
   normal equations are debiased for its noise (``debias_noise``); or, with
@@ -49,6 +56,7 @@ measure them, is a DiapipeError naming the dataId.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 import warnings
@@ -79,6 +87,7 @@ class SubtractConfig:
     sharper_science: str = "convolve_science"  # convolve_science | preconvolve: what to do when the science PSF is sharper
     decorrelate: bool = True
     decorrelation_max_gain: float = 100.0  # cap on the afterburner's gain at high spatial frequency (preconvolution only)
+    empirical_noise: bool = True  # measure each input's blank-sky variance scale and noise correlation, and propagate them
     basis: str = "alard-lupton"  # alard-lupton | delta
     basis_degrees: list = field(default_factory=lambda: [4, 2, 2])
     basis_beta: float = 2.0
@@ -208,6 +217,165 @@ def _robust_sigma(values) -> float:
     return float(1.4826 * np.median(np.abs(v - med)))
 
 
+# ---------------------------------------------------------------- empirical noise
+#: Half-size [px] of the noise autocorrelation model: two Lanczos-3 resamplings (warp, then
+#: coadd -> calexp grid) correlate pixels up to ~8 px apart (|rho| ~ 0.005-0.03 at 3-4 px,
+#: which the afterburner, amplifying high frequencies, still feels at the percent level).
+NOISE_CORR_HALF = 8
+#: Largest rms difference (short lags) between a measured noise autocorrelation and the
+#: resampling model for the model to be used (our templates: ~0.005).
+MAX_MODEL_MISFIT = 0.03
+#: At most this many pixels (a central window) enter the noise measurement: the
+#: correlation is local, and 1 Mpx give each coefficient to ~0.001.
+NOISE_MAX_PIXELS = 1 << 20
+
+
+def _robust_var(values) -> float:
+    """(IQR / 1.349)^2: the variance of the Gaussian core, insensitive to sparse outliers."""
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(((q3 - q1) / 1.3489795) ** 2)
+
+
+def measure_noise(image, variance, good, half: int = 2, src_nsigma: float = 4.0, clip: float = 5.0,
+                  grow: int = 4, smooth: float = 1.5) -> tuple[float, np.ndarray, float]:
+    """Blank-sky noise of an image relative to its variance plane: (scale, rho, fraction used).
+
+    ``scale`` = variance of image / sqrt(variance) over blank sky (1 when the
+    variance plane is right; LSST's ScaleVarianceTask measures the same);
+    ``rho`` = the normalised noise autocorrelation on lags |dx|, |dy| <= half
+    ((2 half + 1)^2 stamp, rho[half, half] = 1), symmetrised; white noise gives
+    a delta.  Resampled images (a template coadd Lanczos-warped twice) have
+    rho(1 px) ~ 0.2: a kernel convolving them sums correlated pixels, whose
+    variance is sum_ij K_i K_j cov_ij, not K^2 (*) var.
+    Blank sky: ``good`` pixels, not within ``grow`` px of a source (the image
+    smoothed by a Gaussian of ``smooth`` px above ``src_nsigma`` of its own
+    scatter) or of a ``clip``-sigma pixel.  The covariance at 12-16 px lags,
+    where resampling leaves none, is the pedestal a residual background adds
+    to every lag; it is subtracted.  Raises ValueError with fewer than 10^4
+    blank pixels.
+    """
+    ny, nx = np.shape(image)
+    # a central window of at most NOISE_MAX_PIXELS
+    wy = min(ny, max(64, int(np.sqrt(NOISE_MAX_PIXELS * ny / nx))))
+    wx = min(nx, max(64, NOISE_MAX_PIXELS // wy))
+    y0, x0 = (ny - wy) // 2, (nx - wx) // 2
+    win = (slice(y0, y0 + wy), slice(x0, x0 + wx))
+    img = np.asarray(image, np.float32)[win]
+    var = np.asarray(variance, np.float32)[win]
+    ok = np.asarray(good, bool)[win] & np.isfinite(img) & np.isfinite(var) & (var > 0)
+    if ok.sum() < 10_000:
+        raise ValueError(f"only {int(ok.sum())} unmasked pixels to measure the noise")
+    n = np.zeros(img.shape, np.float32)
+    n[ok] = img[ok] / np.sqrt(var[ok])
+    n[ok] -= np.float32(np.median(n[ok][::5]))  # residual sky level
+    # sources: a PSF-scale matched filter finds faint ones whose light would pass for correlated noise
+    okf = ok.astype(np.float32)
+    sm = ndimage.gaussian_filter(n, smooth, truncate=3.0) / np.maximum(
+        ndimage.gaussian_filter(okf, smooth, truncate=3.0), 1e-3)
+    src = (sm > src_nsigma * np.sqrt(_robust_var(sm[ok][::5]))) | (np.abs(n) > clip * np.sqrt(_robust_var(n[ok][::5])))
+    sky = ok & ~ndimage.binary_dilation(src, structure=np.ones((3, 3), bool), iterations=grow)
+    if sky.sum() < 10_000:
+        raise ValueError(f"only {int(sky.sum())} blank-sky pixels to measure the noise")
+    m = np.where(sky, n, 0).astype(np.float32)
+    sk = sky.astype(np.float32)
+
+    def cov(dy, dx):  # mean product over pairs of blank pixels (dy >= 0)
+        a = (slice(0, wy - dy), slice(max(0, -dx), wx - max(0, dx)))
+        b = (slice(dy, wy), slice(max(0, dx), wx - max(0, -dx)))
+        npair = float(np.vdot(sk[a], sk[b]))
+        return float(np.vdot(m[a], m[b])) / max(npair, 1.0)
+
+    pedestal = float(np.median([cov(dy, dx) for dy, dx in ((0, 12), (12, 0), (12, 12), (12, -12), (0, 16),
+                                                               (16, 0), (16, 8), (8, 16), (16, -8))]))
+    c = np.zeros((2 * half + 1, 2 * half + 1))
+    for dy in range(0, half + 1):
+        for dx in range(-half, half + 1):
+            if dy == 0 and dx < 0:
+                continue
+            c[half + dy, half + dx] = c[half - dy, half - dx] = cov(dy, dx) - pedestal
+    # the plain mean square over blank sky (sources and 5-sigma pixels are out): an IQR estimate
+    # would scatter by ~1% on a million pixels
+    scale = float(c[half, half])
+    return scale, c / c[half, half], float(sky.mean())
+
+
+@functools.lru_cache(maxsize=8)
+def _lanczos_power(n: int, a: int = 3) -> np.ndarray:
+    """Noise power spectrum (n x n, mean 1) of white noise after one Lanczos-a resampling at a random phase."""
+    f = (np.arange(64) + 0.5) / 64
+    x = f[:, None] - np.arange(-a + 1, a + 1)[None, :]
+    w = np.sinc(x) * np.sinc(x / a)  # the normalised Lanczos-a taps of diapipe.warp
+    w /= w.sum(axis=1, keepdims=True)
+    c = np.mean([np.correlate(x, x, "full") for x in w], axis=0)  # phase-averaged 1-D autocovariance
+    c /= c[len(c) // 2]
+    h = len(c) // 2
+    line = np.zeros(n)
+    line[: h + 1], line[-h:] = c[h:], c[:h]
+    p1 = np.real(np.fft.fft(line))
+    return np.maximum(np.outer(p1, p1), 0.0)
+
+
+def resampling_noise_model(nresamp: float, half: int = NOISE_CORR_HALF, a: int = 3) -> np.ndarray:
+    """Noise autocorrelation ((2 half + 1)^2, centre 1) of white noise resampled ``nresamp`` times by Lanczos-a.
+
+    Each resampling at a random sub-pixel phase multiplies the noise power
+    spectrum by the phase-averaged |W(k)|^2 of the Lanczos kernel; after a warp
+    and the coadd -> calexp resampling (nresamp = 2) neighbours correlate by
+    0.196 (side) and 0.038 (diagonal), 2 px by -0.128.  Non-integer values
+    interpolate (a coadd of differently resampled inputs).
+    """
+    n = 8 * (half + 4)
+    P = _lanczos_power(n, a) ** float(nresamp)
+    r = np.real(np.fft.ifft2(P))
+    r = np.roll(r, (half, half), axis=(0, 1))[: 2 * half + 1, : 2 * half + 1]
+    return r / r[half, half]
+
+
+def fit_resampling_model(rho: np.ndarray, reach: int = 2, return_misfit: bool = False):
+    """Number of Lanczos-3 resamplings whose noise correlation best matches a measured one.
+
+    Fitted on the lags within ``reach`` px, where resampling correlation is
+    strong and the faint-source light that biases every lag slightly upward
+    matters least; the model then stands for the whole (noisy, biased) stamp.
+    With ``return_misfit`` also the rms difference model - measured over those
+    lags (~0.005 for our templates; large for noise correlated otherwise, e.g.
+    other pipelines' stacks, which the model does not describe).
+    """
+    half = rho.shape[0] // 2
+    sl = slice(half - reach, half + reach + 1)
+    meas = rho[sl, sl]
+    use = np.ones(meas.shape, bool)
+    use[reach, reach] = False
+    grid = np.linspace(0.0, 4.0, 81)
+    cost = [np.sum((resampling_noise_model(p, reach)[use] - meas[use]) ** 2) for p in grid]
+    k = int(np.argmin(cost))
+    best = float(grid[k])
+    if 0 < k < len(grid) - 1:  # parabola through the minimum
+        c0, c1, c2 = cost[k - 1], cost[k], cost[k + 1]
+        den = c0 - 2 * c1 + c2
+        if den > 0:
+            best = float(grid[k] + 0.5 * (c0 - c2) / den * (grid[1] - grid[0]))
+    if not return_misfit:
+        return best
+    misfit = float(np.sqrt(np.mean((resampling_noise_model(best, reach)[use] - meas[use]) ** 2)))
+    return best, misfit
+
+
+def noise_gram(stamps, rho) -> np.ndarray:
+    """G_mn = sum_ij a_m(i) a_n(j) rho(i - j): inner products of stamps under a noise correlation.
+
+    With rho = delta this is the plain <a_m, a_n>; ``stamps`` (k, m, m), rho (r, r) odd.
+    """
+    a = np.asarray(stamps, float)
+    if rho is None:
+        flat = a.reshape(len(a), -1)
+        return flat @ flat.T
+    h = rho.shape[0] // 2
+    ar = np.array([_conv_full(x, rho) for x in a])  # (k, m + 2h, m + 2h)
+    ap = np.pad(a, ((0, 0), (h, h), (h, h)))
+    return ap.reshape(len(a), -1) @ ar.reshape(len(a), -1).T
+
+
 # ---------------------------------------------------------------- helpers
 def _grow(mask_bool: np.ndarray, half: int) -> np.ndarray:
     if half <= 0 or not mask_bool.any():
@@ -263,13 +431,18 @@ def _conv_small(a, b):
 
 
 def decorrelation_kernel(kern: np.ndarray, var_unconv: float, var_conv: float, ksum: float,
-                         size: int | None = None, pre: np.ndarray | None = None, max_gain: float = 100.0):
+                         size: int | None = None, pre: np.ndarray | None = None, max_gain: float = 100.0,
+                         rho_unconv: np.ndarray | None = None, rho_conv: np.ndarray | None = None):
     """Reiss & Lupton (2016) afterburner for D = U (*) P - C (*) K  (P = delta unless preconvolved).
 
-    phi(k) = sqrt((s_u^2 + s_c^2 ksum^2) / (s_u^2 |P(k)|^2 + s_c^2 |K(k)|^2)) whitens the
-    noise of the difference while keeping phi(0) = 1 (fluxes unchanged), as ip_diffim's
-    DecorrelateALKernelTask.  With a preconvolution P the high-frequency gain is
-    capped at ``max_gain``.  Returns the real-space kernel (size x size, unit sum).
+    phi(k) = sqrt(N(0) / N(k)) with N(k) = s_u^2 |P(k)|^2 R_u(k) + s_c^2 |K(k)|^2 R_c(k) the noise
+    power spectrum of the difference, whitens it while keeping phi(0) = 1 (fluxes unchanged),
+    as ip_diffim's DecorrelateALKernelTask.  R_u, R_c are the inputs' own noise spectra (the
+    Fourier transforms of their measured autocorrelations ``rho_unconv``, ``rho_conv``; 1 for
+    white noise, the ip_diffim assumption): a resampled template's noise is already correlated
+    before the kernel correlates it further.  The whitened difference then has pixel variance
+    N(0) = s_u^2 R_u(0) + s_c^2 ksum^2 R_c(0).  The gain is capped at ``max_gain``.
+    Returns the real-space kernel (size x size, unit sum).
     """
     k = kern.shape[0]
     size = size or (2 * k + 1)
@@ -284,14 +457,30 @@ def decorrelation_kernel(kern: np.ndarray, var_unconv: float, var_conv: float, k
 
     Kf = ft(kern)
     P2 = 1.0 if pre is None else np.abs(ft(pre / pre.sum())) ** 2
-    num = var_unconv + var_conv * ksum**2
-    den = var_unconv * P2 + var_conv * np.abs(Kf) ** 2
+    Ru = 1.0 if rho_unconv is None else noise_spectrum(rho_unconv, ft)
+    Rc = 1.0 if rho_conv is None else noise_spectrum(rho_conv, ft)
+    num = var_unconv * _at_zero(Ru) + var_conv * ksum**2 * _at_zero(Rc)
+    den = var_unconv * P2 * Ru + var_conv * np.abs(Kf) ** 2 * Rc
     phi_hat = np.sqrt(num / np.maximum(den, num / max_gain**2))
     phi = np.real(np.fft.fftshift(np.fft.ifft2(phi_hat)))
     c = n // 2
     h = size // 2
     phi = phi[c - h : c + h + 1, c - h : c + h + 1]
     return phi / phi.sum()
+
+
+def noise_spectrum(rho: np.ndarray, ft) -> np.ndarray:
+    """Noise power spectrum (mean 1) of a measured autocorrelation stamp, on ``ft``'s grid.
+
+    A measured rho is truncated and noisy, so its transform can dip below zero
+    where the true spectrum is small: floor it at 2% of the mean (a power
+    spectrum is non-negative).
+    """
+    return np.maximum(np.real(ft(rho)), 0.02)
+
+
+def _at_zero(spec) -> float:
+    return float(spec if np.isscalar(spec) else spec.flat[0])
 
 
 # ---------------------------------------------------------------- main entry
@@ -329,6 +518,22 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
     vs[nodata_s], vt[nodata_t] = 0.0, 0.0
     bad = (masks.is_set(science.mask, *bad_planes) | masks.is_set(template.mask, *bad_planes)
            | nodata_s | nodata_t)
+    # each input's blank-sky noise against its variance plane: rescale the plane (ScaleVariance)
+    # and keep the autocorrelation (a resampled template's noise is correlated) for the propagation
+    rho_s = rho_t = None
+    noise_hdr = {}
+    if cfg.empirical_noise:
+        scale_s, rho_s, nres_s = _input_noise(sci, vs, science.mask, nodata_s, "science", science_path, data_id)
+        scale_t, rho_t, nres_t = _input_noise(tpl, vt, template.mask, nodata_t, "template", template_path, data_id)
+        noise_hdr = {
+            "SVARSCAL": (round(scale_s, 5), "science variance plane x this (measured on blank sky)"),
+            "TVARSCAL": (round(scale_t, 5), "template variance plane x this (measured on blank sky)"),
+            "SNOISCOR": (_corr_sum(rho_s), "science noise: sum of autocorrelation (1 = white)"),
+            "TNOISCOR": (_corr_sum(rho_t), "template noise: sum of autocorrelation (1 = white)"),
+            "SNRESAMP": (round(nres_s, 3), "science noise correlation = this many Lanczos-3 resamplings"),
+            "TNRESAMP": (round(nres_t, 3), "template noise correlation = this many Lanczos-3 resamplings"),
+        }
+    noise_hdr["EMPNOISE"] = (bool(cfg.empirical_noise), "measured input noise scale and correlation used")
 
     # PSFs: carried or measured
     psf_s = science.psf or _measure_or_fail(sci, vs, science.mask | np.where(nodata_s, masks.bit("NO_DATA"), 0),
@@ -383,6 +588,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
         "PSFSIGS": (round(sig_s, 4), "science PSF Gaussian sigma at centre [px]"),
         "PSFSIGT": (round(sig_t, 4), "template PSF Gaussian sigma at centre [px]"),
         "OVERLAP": (round(overlap, 5), "fraction of pixels with data in both images"),
+        **noise_hdr,
     }
 
     # the matching kernel (needed by ZOGY too, for the flux ratio)
@@ -391,6 +597,11 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
     half_stamp = max(half_k + 2, int(np.ceil(cfg.stamp_half_size_sigma * max(sig_src, sig_tgt))))
     sol = _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src, psf_tgt,
                       meta_s, meta_t, direction, data_id, science, template)
+    if cfg.empirical_noise:
+        # the measured variance scales enter the noise propagation, not the stamp selection and weights
+        # (a few per cent must not move a marginal star across the S/N or clipping thresholds)
+        vs *= np.float32(scale_s)  # in place: vsrc / vtgt are these arrays
+        vt *= np.float32(scale_t)
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
     ksum_c = float(sol.ksum(xc, yc)[0])
     if not np.isfinite(ksum_c) or ksum_c <= 0:
@@ -456,8 +667,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
         header["DECORR"] = (False, "AL decorrelation applied (ZOGY noise is white)")
     else:
         bad_out = masks.is_set(out_mask, *bad_planes)
+        rho_src, rho_tgt = (rho_t, rho_s) if direction == "template" else (rho_s, rho_t)
         diff, var, diff_psf = _al_difference(sol, src, tgt, vsrc, vs if pre is not None else vtgt, bad,
-                                             direction, cfg, psf_s, header, pre, bad_out)
+                                             direction, cfg, psf_s, header, pre, bad_out, rho_src, rho_tgt)
         # the afterburner spreads what is left at bad pixels over its own footprint: mask that too
         out_mask = _grow_planes(out_mask, header.get("DECRAD", (0,))[0], bad_planes)
         nodata = masks.is_set(out_mask, "NO_DATA")
@@ -498,6 +710,40 @@ def _tile_psf_model(tile_psfs, shape) -> PixelPsf:
     A = poly_design(xy[:, 0], xy[:, 1], 1, x0, y0, sx, sy)
     coef, *_ = np.linalg.lstsq(A, stamps.reshape(len(stamps), -1), rcond=None)
     return PixelPsf(coef.reshape(-1, *stamps.shape[1:]), 1, x0, y0, sx, sy)
+
+
+def _corr_sum(rho) -> float:
+    """Large-aperture noise variance / summed pixel variance of a noise autocorrelation (1 if white)."""
+    return 1.0 if rho is None else round(float(rho.sum()), 4)
+
+
+def _input_noise(img, var, mask, nodata, which, path, data_id):
+    """(variance scale, noise autocorrelation) of one input over its blank sky; (1, None) if unmeasurable."""
+    good = ~nodata & ~masks.is_set(mask, *masks.BAD_PLANES, "INTRP", "DETECTED", "DETECTED_NEGATIVE", "INJECTED")
+    try:
+        scale, rho_meas, frac = measure_noise(img, var, good)
+    except ValueError as exc:
+        log.warning("%s %s: noise not measured (%s); its variance plane is taken as white and right",
+                    which, data_id, exc)
+        return 1.0, None, 0.0
+    # the measured stamp is noisy and biased upward at every lag by faint-source light (a sum over
+    # 289 lags adds that up): its strong short lags fix the resampling model, which is used instead
+    nres, misfit = fit_resampling_model(rho_meas, return_misfit=True)
+    rho = resampling_noise_model(nres) if nres >= 0.05 else None
+    if rho is not None and misfit > MAX_MODEL_MISFIT:
+        log.warning("%s %s: noise correlation (rho(1 px) = %.3f) unlike Lanczos resampling (rms misfit %.3f): "
+                    "only its variance scale is used", which, data_id, rho_meas[rho_meas.shape[0] // 2,
+                                                                                   rho_meas.shape[0] // 2 + 1], misfit)
+        rho, nres = None, -1.0
+    if not (0.5 < scale < 2.0):
+        log.warning("%s %s: blank-sky noise is %.2f x what its variance plane says (%s); rescaling it",
+                    which, data_id, np.sqrt(scale), path)
+    log.info("%s %s: blank-sky noise^2 / variance = %.4f, noise correlation of %.2f Lanczos resamplings "
+             "(rho(1 px) measured %.3f, model %.3f; sum %.3f) on %.0f%% of the pixels", which, data_id, scale, nres,
+             rho_meas[rho_meas.shape[0] // 2, rho_meas.shape[0] // 2 + 1],
+             0.0 if rho is None else rho[NOISE_CORR_HALF, NOISE_CORR_HALF + 1],
+             _corr_sum(rho), 100 * frac)
+    return scale, rho, nres
 
 
 def _measure_or_fail(img, var, mask, which, path, data_id, meta):
@@ -577,8 +823,13 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
     return sol
 
 
-def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header, pre=None, bad_out=None):
-    """Apply the kernel, form the difference, propagate variance, decorrelate; also the diffexp PSF."""
+def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header, pre=None, bad_out=None,
+                   rho_src=None, rho_tgt=None):
+    """Apply the kernel, form the difference, propagate variance, decorrelate; also the diffexp PSF.
+
+    ``rho_src``, ``rho_tgt``: measured noise autocorrelations of the convolved and the
+    unconvolved image (None: white), used by the afterburner and the variance.
+    """
     shape = src.shape
     ny, nx = shape
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
@@ -588,8 +839,12 @@ def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header
     s_u = sky_median(vtgt, ~bad)  # unconvolved image's sky variance
     s_c = sky_median(vsrc, ~bad)  # convolved image's sky variance
     if cfg.decorrelate:
+        # the filter whitens what the kernel correlated, the convolved image's own correlation included;
+        # an unconvolved resampled template (science convolved) keeps its own, which the variance below
+        # accounts for: whitening it with the resampling model amplifies the frequencies where the model's
+        # spectrum is near zero (measured: matched-filter noise 0.83 of the prediction on a synthetic pair)
         phi = decorrelation_kernel(k_c, s_u, s_c, ksum_c, size=2 * sol.half + 1, pre=pre,
-                                   max_gain=cfg.decorrelation_max_gain)
+                                   max_gain=cfg.decorrelation_max_gain, rho_unconv=None, rho_conv=rho_src)
         u_kern = _conv_full(pre, phi) if pre is not None else phi  # what the unconvolved noise sees
         comps = np.array([_conv_full(c, phi) for c in sol.kernel_components])
         kc_eff = _conv_full(k_c, phi)  # what the convolved image's noise sees, at the centre
@@ -602,18 +857,20 @@ def _al_difference(sol, src, tgt, vsrc, vtgt, bad, direction, cfg, psf_s, header
     k2 = (kc_eff**2).astype(np.float32)
     var_conv = kmod.FFTConvolver(vsrc, k2.shape[0] // 2).convolve(k2)
     np.maximum(var_conv, 0, out=var_conv)
-    # ... and sum_p (phi (*) K(x))(p)^2 / sum_p (phi (*) K_c)^2 = t(x)^T C t(x), exactly, scales it over the detector
-    flat = comps.reshape(len(comps), -1)
-    C = flat @ flat.T / float(k2.sum())
+    # ... and sum_ij (phi (*) K(x))_i (phi (*) K(x))_j rho_src(i - j) / sum_p (phi (*) K_c)^2 = t(x)^T C t(x),
+    # exactly, scales it over the detector and for the convolved image's own noise correlation
+    C = noise_gram(comps, rho_src) / float(k2.sum())
     poly = (sol.spatial_order, shape, sol.x0, sol.y0, sol.sx, sol.sy)
     bmap = kmod.quadratic_map(C, *poly)
     if u_kern is None:
-        var_u = vtgt
+        var_u = vtgt  # a pixel's own variance: its correlation with others does not enter
     elif pre is None:
-        var_u = vtgt * np.float32((u_kern**2).sum())  # phi is compact: no need to spread the variance
+        # phi is compact: no need to spread the variance; sum_ij phi_i phi_j rho_tgt(i - j) (sum phi^2 if white)
+        var_u = vtgt * np.float32(noise_gram(u_kern[None], rho_tgt)[0, 0])
     else:
         # preconvolution spreads each star's Poisson variance over the PSF: convolve it
         var_u = kmod.FFTConvolver(vtgt, u_kern.shape[0] // 2).convolve((u_kern**2).astype(np.float32))
+        var_u *= np.float32(noise_gram(u_kern[None], rho_tgt)[0, 0] / (u_kern**2).sum())
     if direction == "template":
         diff = tgt - conv
         var = var_u + var_conv * bmap
