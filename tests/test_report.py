@@ -249,3 +249,22 @@ def test_snakemake_report_zip(tiny_run, tmp_path):
     for name in ("kernel_trends.png", "astrometry_trends.png", "astrometry_residuals.png", "roc.png",
                  "index.html"):
         assert any(Path(n).name == name for n in names), name
+
+
+@pytest.mark.workflow
+def test_cli_rebuilds_the_report_of_a_finished_run(tiny_run, tmp_path):
+    """`diapipe report --root <run>` finds the products through the Butler table: same sections and figures."""
+    from diapipe import cli
+
+    wd = tiny_run.workdir
+    out, figs = tmp_path / "r.html", tmp_path / "figs"
+    rc = cli.main(["report", "--root", str(wd), "--configfile", str(wd / "config" / "config.yaml"),
+                   str(tiny_run.config), "-o", str(out), "--figures-dir", str(figs)])
+    assert rc == 0
+    html = out.read_text()
+    for section in SECTIONS:
+        assert f"id='{section}'" in html
+    _, prod = _tiny_products(tiny_run)
+    assert len(list((figs / "diffexps").glob("*.png"))) == len(prod["diffexp"])
+    assert len(list((figs / "kernel").glob("kernel_v*.png"))) == len(prod["diffexp"])
+    assert (figs / "astrometry" / "astrometry_residuals.png").exists()
