@@ -545,10 +545,8 @@ def gallery(dia: pd.DataFrame, cutout_paths: dict, n: int = 12, sink: FigureSink
         caption = html.escape(
             f"diaSource {r.diaSourceId} · reliability {r.reliability:.2f} · S/N {getattr(r, 'snr', np.nan):.1f}"
         )
-        cells.append(
-            f"<div class='cell'>{sink.add(_fig_png(fig), 'candidates', f'diaSource_{r.diaSourceId}', f'cutouts {r.diaSourceId}')}"
-            f"<br><small>{caption}</small></div>"
-        )
+        img = sink.add(_fig_png(fig), "candidates", f"diaSource_{r.diaSourceId}", f"cutouts {r.diaSourceId}")
+        cells.append(f"<div class='cell'>{img}<br><small>{caption}</small></div>")
     return "<div class='gallery'>" + "".join(cells) + "</div>" if cells else "<p>No cutouts.</p>"
 
 
@@ -618,8 +616,8 @@ def diffexp_sections(diffexps: dict, dia: pd.DataFrame, sink: FigureSink, thumbn
                                 f"visit {v} det {d}: {n} diaSources ({nrel} reliable)")
         caption = html.escape(f"visit {v} · detector {d} · {n} diaSources, {nrel} reliable · "
                               f"diff noise {diag['header'].get('DIFFRMS', float('nan')):.2f} x predicted")
-        thumbs.append(f"<div class='cell thumb'>{sink.add(png, 'diffexps', f'diff_v{v}_d{d}', f'difference image {v} {d}')}"
-                      f"<br><small>{caption}</small></div>")
+        img = sink.add(png, "diffexps", f"diff_v{v}_d{d}", f"difference image {v} {d}")
+        thumbs.append(f"<div class='cell thumb'>{img}<br><small>{caption}</small></div>")
         rows.append({"visit": v, "detector": d, **kernel_row(diag)})
         if "stamps" in diag and "chi2_spatial" in diag["stamps"]:
             st = diag["stamps"]
