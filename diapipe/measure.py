@@ -722,6 +722,25 @@ def psf_fit_batch(pix: "_Pixels", psf, xs, ys, fit_position=True, max_shift=2.0,
 
 
 def dipole_fit_batch(pix: "_Pixels", psf, pos_xy, neg_xy, max_iter=40):
+    """``dipole_fit`` for many candidates: ``_dipole_fit_group`` per canvas size (lobe separation)."""
+    pos_xy = np.asarray(pos_xy, float).reshape(-1, 2)
+    neg_xy = np.asarray(neg_xy, float).reshape(-1, 2)
+    pad = np.ceil(np.hypot(*(pos_xy - neg_xy).T) / 2).astype(int) + 2
+    out = None
+    for pd_ in np.unique(pad):
+        sel = np.flatnonzero(pad == pd_)
+        r = _dipole_fit_group(pix, psf, pos_xy[sel], neg_xy[sel], int(pd_), max_iter)
+        if out is None:
+            out = {k: np.full(len(pad), np.nan) for k in r}
+            out["ok"] = np.zeros(len(pad), bool)
+        for k, v in r.items():
+            out[k][sel] = v
+    if out is None:
+        out = _dipole_fit_group(pix, psf, pos_xy, neg_xy, 2, max_iter)
+    return out
+
+
+def _dipole_fit_group(pix: "_Pixels", psf, pos_xy, neg_xy, pad, max_iter=40):
     """``dipole_fit`` for many candidates at once: a positive and a negative PSF at free
     positions, fluxes free (Levenberg-Marquardt with the exact Fourier Jacobian).
 
@@ -740,7 +759,7 @@ def dipole_fit_batch(pix: "_Pixels", psf, pos_xy, neg_xy, max_iter=40):
     mid = 0.5 * (pos_xy + neg_xy)
     sep_pix = np.hypot(*(pos_xy - neg_xy).T)
     # one canvas per candidate: the PSF at the midpoint, with room for either lobe to move
-    sp = _BatchPsf(psf, mid[:, 0], mid[:, 1], pad=int(np.ceil(sep_pix.max() / 2)) + 2)
+    sp = _BatchPsf(psf, mid[:, 0], mid[:, 1], pad=pad)
     ix, iy = np.floor(mid[:, 0] + 0.5).astype(np.int64), np.floor(mid[:, 1] + 0.5).astype(np.int64)
     img, w, _ = _pixel_stamps(pix, ix, iy, sp.half)
     sw = np.sqrt(w).reshape(n, -1)
