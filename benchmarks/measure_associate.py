@@ -41,7 +41,41 @@ def main(argv=None) -> int:
            "all_transient_lightcurves": asc.lightcurve_chi2(lc, srcs, tf, ts, kinds=asc.TRANSIENT_KINDS,
                                                             radius_px=r)}
     print(json.dumps(out, indent=2))
+    print("\nSN forced points: pulls (psfFlux - truth) / psfFluxErr by true S/N")
+    print(pull_table(lc, srcs, tf, ts, r).to_string())
     return 0
+
+
+def pull_table(lc, srcs, tf, ts, radius, kinds=("sn",)) -> pd.DataFrame:
+    """chi2, mean and std of the pulls and the median fractional flux error, in bins of true S/N.
+
+    Same points as associate.lightcurve_chi2 (flagged and edge points out), plus how many were flagged.
+    """
+    import numpy as np
+
+    tid = asc.match_truth(srcs, tf, ts, radius, kinds=kinds)
+    m = pd.DataFrame({"truth": tid, "obj": srcs["diaObjectId"].to_numpy()})
+    m = m[m["truth"] >= 0]
+    obj_truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0])
+    x = lc[lc["diaObjectId"].isin(obj_truth.index)].copy()
+    n_flag = int((x["forced_flag"].astype(bool) & ~x["edge_flag"].astype(bool)).sum())
+    x = x[np.isfinite(x["psfFlux"]) & np.isfinite(x["psfFluxErr"]) & ~x["edge_flag"].astype(bool)
+          & ~x["forced_flag"].astype(bool)]
+    x["truth"] = x["diaObjectId"].map(obj_truth)
+    t = tf[["source_id", "visit", "detector", "flux_nJy"]].rename(columns={"source_id": "truth"})
+    x = x.merge(t, on=["truth", "visit", "detector"], how="left")
+    x["flux_nJy"] = x["flux_nJy"].fillna(0.0)
+    x["z"] = (x["psfFlux"] - x["flux_nJy"]) / x["psfFluxErr"]
+    x["bin"] = pd.cut(x["flux_nJy"] / x["psfFluxErr"], [-np.inf, 1, 5, 20, 50, 200, np.inf])
+    g = x.groupby("bin", observed=True)
+    out = pd.DataFrame({"n": g.size(), "chi2_dof": g["z"].apply(lambda z: float(np.mean(z**2))),
+                        "mean_pull": g["z"].mean(), "std_pull": g["z"].std(),
+                        "median_frac_err": g.apply(lambda q: float(np.median((q["psfFlux"] - q["flux_nJy"])
+                                                                             / q["flux_nJy"].where(q["flux_nJy"] > 0))),
+                                                   include_groups=False)})
+    out.attrs["n_flagged"] = n_flag
+    print(f"(forced_flag points left out: {n_flag})")
+    return out
 
 
 if __name__ == "__main__":
