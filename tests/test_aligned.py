@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from astropy.io import fits
 
 from diapipe import aligned, masks
 from diapipe.exposure import Exposure
@@ -39,18 +40,23 @@ def test_series_on_three_frames(tmp_path):
     assert s["aligned"] == 3 and s["subtracted"] == 3
     assert s["align_rms_px_median"] < 0.15  # measured 0.06 px on bright matched stars
     assert 3.0 < s["template_seeing_px"] < 6.0  # PFWHM of these frames is 4.5-6 px
-    rstds = []
+    in_template = set(fits.getheader(tmp_path / "template.fits")["FRAMES"].split(","))
+    visit_frame = {int(v): Path(p).name for v, p in zip(t["visit"], t["path"])}
+    rstds, lows = [], []
     for p in sorted((tmp_path / "diff").glob("*[0-9].fits")):
         d = Exposure.read(p)
         ok = (d.mask & masks.bits(*masks.BAD_PLANES)) == 0
         z = d.image[ok] / np.sqrt(d.variance[ok])
         rstd = 1.4826 * np.median(np.abs(z - np.median(z)))
         rstds.append(rstd)
+        # a frame inside its own (2-frame, equal-weight) template cancels half of its own noise:
+        # f1 - (f1 + f2)/2 has std 0.71 sigma against a predicted 1.22 sigma (ratio ~0.6)
+        lows.append(0.45 if visit_frame[int(p.stem)] in in_template else 0.7)
         # frames are offset by up to ~140 px (NO_DATA outside the overlap), saturated bulge stars grown
         assert ok.mean() > 0.5
         assert (p.with_suffix(".reg")).exists()
     # crowded bulge field: residuals of bright stars push the robust std above 1
-    assert all(0.7 < r < 1.6 for r in rstds), rstds
+    assert all(lo < r < 1.6 for r, lo in zip(rstds, lows)), (rstds, lows)
     assert json.loads((tmp_path / "summary.json").read_text())["frames"] == 3
     html = (tmp_path / "report" / "index.html").read_text()
     assert "SAAO test" in html and "lightcurves" in html
