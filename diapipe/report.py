@@ -205,23 +205,36 @@ def read_diffexp_diagnostics(path) -> dict:
     return out
 
 
-def diffexp_thumbnail(diag: dict, sources: pd.DataFrame | None = None, max_size: int = 256,
-                      title: str = "") -> bytes:
-    """PNG of a downsampled difference image; diaSources circled (green: reliable, cyan: the rest)."""
-    plt = _plt()
-    rgb, f = thumbnail_rgb(diag["image"], diag["mask"], diag["planes"], max_size)
+def draw_rings(rgb: np.ndarray, x, y, radius: float, colour, width: float = 1.2) -> None:
+    """Draw open circles of ``radius`` (pixels of ``rgb``) centred at (x, y) into ``rgb`` in place."""
     ny, nx = rgb.shape[:2]
-    fig, ax = plt.subplots(figsize=(3.3, 3.5))
-    ax.imshow(rgb, origin="lower", extent=(-0.5, nx * f - 0.5, -0.5, ny * f - 0.5), interpolation="nearest")
+    r = int(np.ceil(radius + width))
+    oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+    for xc, yc in zip(np.asarray(x, float), np.asarray(y, float)):
+        if not (np.isfinite(xc) and np.isfinite(yc)):
+            continue
+        yy, xx = int(round(yc)) + oy, int(round(xc)) + ox
+        ring = (np.abs(np.hypot(xx - xc, yy - yc) - radius) <= width / 2) & (yy >= 0) & (yy < ny) & (xx >= 0) \
+            & (xx < nx)
+        rgb[yy[ring], xx[ring]] = colour
+
+
+def diffexp_thumbnail(diag: dict, sources: pd.DataFrame | None = None, max_size: int = 256) -> bytes:
+    """PNG (no axes: one thumbnail pixel per block) of a downsampled difference image; diaSources circled
+    (green: reliable, cyan: the rest).  Drawn without a matplotlib figure, so it costs ~20 ms."""
+    import matplotlib.image as mpimg
+
+    rgb, f = thumbnail_rgb(diag["image"], diag["mask"], diag["planes"], max_size)
     if sources is not None and len(sources):
         rel = sources["isReliable"].to_numpy(bool) if "isReliable" in sources else np.zeros(len(sources), bool)
-        x, y = sources["x"].to_numpy(float), sources["y"].to_numpy(float)
-        ax.scatter(x[~rel], y[~rel], s=14, facecolors="none", edgecolors="c", linewidths=0.5)
-        ax.scatter(x[rel], y[rel], s=40, facecolors="none", edgecolors="lime", linewidths=0.9)
-    ax.set_xlim(-0.5, nx * f - 0.5), ax.set_ylim(-0.5, ny * f - 0.5)
-    ax.tick_params(labelsize=5)
-    ax.set_title(title, fontsize=7)
-    return _fig_png(fig)
+        # full-resolution pixel centres -> block coordinates
+        x = (sources["x"].to_numpy(float) + 0.5) / f - 0.5
+        y = (sources["y"].to_numpy(float) + 0.5) / f - 0.5
+        draw_rings(rgb, x[~rel], y[~rel], 3.0, (0.0, 0.9, 0.9))
+        draw_rings(rgb, x[rel], y[rel], 5.0, (0.1, 1.0, 0.1))
+    buf = io.BytesIO()
+    mpimg.imsave(buf, np.clip(rgb, 0, 1), format="png", origin="lower")
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ kernel diagnostics
@@ -612,9 +625,9 @@ def diffexp_sections(diffexps: dict, dia: pd.DataFrame, sink: FigureSink, thumbn
         src = dia.loc[groups[(v, d)]] if (v, d) in groups else None
         n = 0 if src is None else len(src)
         nrel = int(src["isReliable"].astype(bool).sum()) if n and "isReliable" in src else 0
-        png = diffexp_thumbnail(diag, src, thumbnail_size,
-                                f"visit {v} det {d}: {n} diaSources ({nrel} reliable)")
-        caption = html.escape(f"visit {v} · detector {d} · {n} diaSources, {nrel} reliable · "
+        png = diffexp_thumbnail(diag, src, thumbnail_size)
+        ny, nx = diag["image"].shape
+        caption = html.escape(f"visit {v} · detector {d} ({nx} x {ny} px) · {n} diaSources, {nrel} reliable · "
                               f"diff noise {diag['header'].get('DIFFRMS', float('nan')):.2f} x predicted")
         img = sink.add(png, "diffexps", f"diff_v{v}_d{d}", f"difference image {v} {d}")
         thumbs.append(f"<div class='cell thumb'>{img}<br><small>{caption}</small></div>")

@@ -93,13 +93,18 @@ def test_thumbnail_png_circles_sources(tmp_path):
     exp.write(p)
     diag = report.read_diffexp_diagnostics(p)
     src = pd.DataFrame({"x": [100.0, 300.0], "y": [200.0, 50.0], "isReliable": [True, False]})
-    png = report.diffexp_thumbnail(diag, src, 128, "t")
+    png = report.diffexp_thumbnail(diag, src, 128)
     import matplotlib.image as mpimg
 
-    img = mpimg.imread(io.BytesIO(png), format="png")
-    assert img.shape[0] > 150 and img.shape[1] > 150
+    img = mpimg.imread(io.BytesIO(png), format="png")[::-1]  # PNG rows run top-down; y up here
+    assert img.shape[:2] == (128, 128)  # 512 px binned 4x4
     green = (img[..., 1] > 0.8) & (img[..., 0] < 0.3) & (img[..., 2] < 0.3)
-    assert green.sum() > 20  # the reliable diaSource's circle is drawn
+    yy, xx = np.nonzero(green)
+    assert len(yy) > 20  # the reliable diaSource's circle is drawn, centred on it (100, 200) / 4
+    assert np.mean(xx) == pytest.approx((100 + 0.5) / 4 - 0.5, abs=0.5)
+    assert np.mean(yy) == pytest.approx((200 + 0.5) / 4 - 0.5, abs=0.5)
+    cyan = (img[..., 1] > 0.8) & (img[..., 2] > 0.8) & (img[..., 0] < 0.3)
+    assert cyan[6:20, 68:82].sum() > 8  # the other one, near (300, 50) / 4
 
 
 # ------------------------------------------------------------------ kernel diagnostics
