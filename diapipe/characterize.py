@@ -268,13 +268,10 @@ def characterize(postisr, refcat, config: dict | None = None, *, path=None, refc
     n_unmasked = int(cand.sum())
     # isolation: no neighbour within 2 FWHM, none brighter than the star within its stamp;
     # fainter neighbours' footprints are left out of the fit pixel by pixel
-    tree = cKDTree(np.column_stack([x, y]))
-    for k in np.nonzero(cand)[0]:
-        for j in tree.query_ball_point([x[k], y[k]], half * 1.42 + 2):
-            dist = np.hypot(x[j] - x[k], y[j] - y[k])
-            if j != k and (dist < 2 * fwhm0 or objs["flux"][j] > objs["flux"][k]):
-                cand[k] = False
-                break
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(half * 1.42 + 2, output_type="ndarray")
+    k, j = np.concatenate([pairs, pairs[:, ::-1]]).T  # both directions: k the star, j its neighbour
+    crowded = (np.hypot(x[j] - x[k], y[j] - y[k]) < 2 * fwhm0) | (objs["flux"][j] > objs["flux"][k])
+    cand[k[crowded]] = False
     cidx = np.nonzero(cand)[0]
     log.info("PSF candidates: %d bright clean, %d on the stellar locus, %d unmasked, %d isolated",
              bright.sum(), (bright & point_like).sum(), n_unmasked, len(cidx))
