@@ -156,12 +156,17 @@ def main():
         z = z.merge(meta[["objectId", "candid", "label", "rb", "drb", "magpsf"]], on=["objectId", "candid"],
                     how="left")
         z.to_parquet(out / "ztf_scores.parquet")
-        cols = ["objectId", "label", "reliability", "drb", "snr", "fwhm_ratio", "sharpness", "psf_chi2",
+        cols = ["objectId", "label", "reliability", "fwhm", "n_psf_stars", "drb", "snr", "fwhm_ratio", "sharpness",
+                "psf_chi2",
                 "old_snr", "log_ratio_diff_old", "neg_sum_ratio_r2", "annulus_rms", "old_offset"]
-        summary["ztf"] = {"n": int(len(z)), "fwhm_px": float(z["fwhm"].iloc[0]),
+        summary["ztf"] = {"n": int(len(z)), "fwhm_px_median": float(z["fwhm"].median()),
+                          "fwhm_method": "stars (each stamp's own point sources, else the folder median)",
                           "fraction_above_threshold": float(z["isReliable"].mean()),
                           "misses": z.loc[~z["isReliable"], cols].round(3).to_dict("records")}
         _plot_misses(z, cubes, out / "ztf_misses.png")
+        for meth in rb.FWHM_METHODS[1:]:  # the other FWHM estimates of stamps without a PSF
+            zz = rb.score_cutouts(model, table, cubes, method=meth)
+            summary["ztf"][f"fraction_above_threshold_{meth}"] = float(zz["isReliable"].mean())
         for f in (1.5, 2.5, 3.0):  # sensitivity to the FWHM assumed for stamps without a PSF
             zz = rb.score_cutouts(model, table, cubes, fwhm=f)
             summary["ztf"][f"fraction_above_threshold_fwhm{f}"] = float(zz["isReliable"].mean())

@@ -512,7 +512,11 @@ class TrainConfig:
     # leaves of >= 5 diaSources: a few per cent of wrong labels are averaged out instead of memorised
     # (5% flipped labels, synthetic set: degradation factor 3.0 with leaves of 2 -> 1.25 with 5)
     rf_min_samples_leaf: int = 5
-    outer_folds: int = 4  # every visit held out once in this many visit folds (0 = the single hold-out only)
+    # every visit held out once in this many visit folds (0 = the single hold-out only; the workflow's
+    # config turns it on, library callers on large sets may not want the extra trainings)
+    outer_folds: int = 0
+    synthetic_visits: int = 0  # visits of synthetic triplets added to the training rows (0 = none)
+    synthetic_per_visit: int = 300  # synthetic detections per synthetic visit
 
     @classmethod
     def from_config(cls, block: dict | None) -> "TrainConfig":
@@ -581,12 +585,17 @@ def _raw_method(est) -> str:
     return "decision_function" if hasattr(est, "decision_function") else "predict_proba"
 
 
-def _oof_scores(est, X, y, splits) -> np.ndarray:
-    from sklearn.model_selection import cross_val_predict
+def _oof_scores(est, X, y, splits, extra=None) -> np.ndarray:
+    """Out-of-fold raw scores; ``extra`` = (X, y) rows added to every fold's training set, never scored."""
+    from sklearn.base import clone
 
-    method = _raw_method(est)
-    s = cross_val_predict(est, X, y, cv=splits, method=method)
-    return s[:, 1] if s.ndim == 2 else s
+    out = np.full(len(y), np.nan)
+    for tr, va in splits:
+        Xf, yf = X[tr], y[tr]
+        if extra is not None:
+            Xf, yf = np.vstack([Xf, extra[0]]), np.r_[yf, extra[1]]
+        out[va] = raw_scores(clone(est).fit(Xf, yf), X[va])
+    return out
 
 
 def threshold_for_fpr(labels, scores, target_fpr: float) -> float:
@@ -673,20 +682,23 @@ def library_versions() -> dict:
             "scikit-learn": sklearn.__version__, "skops": skops.__version__}
 
 
-def train(features: pd.DataFrame, labels, groups, cfg: TrainConfig | None = None):
+def train(features: pd.DataFrame, labels, groups, cfg: TrainConfig | None = None, extra=None):
     """Pick a classifier by grouped CV, calibrate it and choose the threshold.
 
     features : table with (at least) FEATURE_NAMES; labels : 1 real / 0 bogus;
     groups : visit of each row (no visit is split between folds).
+    extra : optional (features table, labels) of additional training rows (e.g. synthetic triplets): in
+        every fold's training set and in the final fit, never in the out-of-fold scores that choose the
+        model, the calibration and the threshold.
     Returns (RealBogusModel, report dict with the CV comparison).
     All rows passed are used for training: hold visits out before calling.
     """
     cfg = cfg or TrainConfig()
     with threadpool_limits(limits=cfg.n_jobs):
-        return _train(features, labels, groups, cfg)
+        return _train(features, labels, groups, cfg, extra)
 
 
-def _train(features, labels, groups, cfg):
+def _train(features, labels, groups, cfg, extra=None):
     from sklearn.model_selection import GroupKFold
 
     X = features[FEATURE_NAMES].to_numpy(dtype=np.float64)
@@ -698,12 +710,16 @@ def _train(features, labels, groups, cfg):
     if n_folds < 2:
         raise DiapipeError("need at least 2 training visits for grouped cross-validation")
     splits = list(GroupKFold(n_splits=n_folds).split(X, y, g))
+    ex = None
+    if extra is not None and len(extra[1]):
+        ex = (extra[0][FEATURE_NAMES].to_numpy(dtype=np.float64), np.asarray(extra[1]).astype(int))
     report = {"n_train": int(len(y)), "n_real": int(y.sum()), "n_bogus": int((1 - y).sum()),
-              "n_visits": int(len(np.unique(g))), "n_folds": n_folds, "cv": {}}
+              "n_visits": int(len(np.unique(g))), "n_folds": n_folds, "cv": {},
+              "n_extra": 0 if ex is None else int(len(ex[1]))}
     oof = {}
     for name in cfg.models:
         t0 = time.perf_counter()
-        raw = _oof_scores(make_estimator(name, cfg), X, y, splits)
+        raw = _oof_scores(make_estimator(name, cfg), X, y, splits, extra=ex)
         oof[name] = raw
         m = roc_metrics(y, raw)
         m["fit_seconds"] = round(time.perf_counter() - t0, 2)
@@ -717,7 +733,7 @@ def _train(features, labels, groups, cfg):
     # calibrator learns from the out-of-fold scores, the classifier is refitted on all training visits.
     t0 = time.perf_counter()
     calibrator = _fit_calibrator(oof[best], y, cfg.calibration)
-    clf = make_estimator(best, cfg).fit(X, y)
+    clf = make_estimator(best, cfg).fit(*((X, y) if ex is None else (np.vstack([X, ex[0]]), np.r_[y, ex[1]])))
     r = np.asarray(oof[best], float)
     scale = float(np.std(r)) or 1.0
     cal = {"classifier": clf, "calibrator": calibrator, "method": cfg.calibration,
@@ -1070,8 +1086,10 @@ def _load_features(paths) -> pd.DataFrame:
 
 
 def train_and_evaluate(features: pd.DataFrame, labels, groups, cfg: TrainConfig, snr=None, kinds=None,
-                       label_noise: float = 0.0, importances: bool = True):
+                       label_noise: float = 0.0, importances: bool = True, extra=None):
     """Hold visits out, train on the rest, evaluate on the held-out visits.
+
+    ``extra`` = (features, labels) of rows that only ever train (see ``train``).
 
     Returns (model, metrics dict).  With label_noise > 0 also retrains with that fraction of training labels
     flipped and records the metrics of both (metrics['label_noise']).
@@ -1083,7 +1101,7 @@ def train_and_evaluate(features: pd.DataFrame, labels, groups, cfg: TrainConfig,
     if labels[te].min() == labels[te].max():
         raise DiapipeError("held-out visits have only one class; need more visits or diaSources")
     t0 = time.perf_counter()
-    model, report = train(features[~te], labels[~te], groups[~te], cfg)
+    model, report = train(features[~te], labels[~te], groups[~te], cfg, extra=extra)
     train_s = time.perf_counter() - t0
     model.metadata["heldout_visits"] = [int(v) for v in held]
     with threadpool_limits(limits=cfg.n_jobs):
@@ -1101,17 +1119,21 @@ def train_and_evaluate(features: pd.DataFrame, labels, groups, cfg: TrainConfig,
     if label_noise > 0:
         metrics["label_noise"] = label_noise_experiment(features[~te], labels[~te], groups[~te], features[te],
                                                         labels[te], report["chosen"], cfg, label_noise,
-                                                        clean_scores=s, groups_te=groups[te])
+                                                        clean_scores=s, groups_te=groups[te], extra=extra)
     if cfg.outer_folds >= 2 and len(np.unique(groups)) >= 3:
         t0 = time.perf_counter()
-        metrics["heldout_all_visits"] = pooled_heldout(features, labels, groups, cfg, snr=snr, kinds=kinds,
-                                                       label_noise=label_noise)
-        metrics["heldout_all_visits"]["seconds"] = round(time.perf_counter() - t0, 1)
+        try:
+            metrics["heldout_all_visits"] = pooled_heldout(features, labels, groups, cfg, snr=snr, kinds=kinds,
+                                                           label_noise=label_noise, extra=extra)
+            metrics["heldout_all_visits"]["seconds"] = round(time.perf_counter() - t0, 1)
+        except DiapipeError as exc:  # an evaluation, not the model: say why and carry on
+            log.warning("pooled evaluation skipped: %s", exc)
+            metrics["heldout_all_visits_skipped"] = str(exc)
     return model, metrics
 
 
 def pooled_heldout(features: pd.DataFrame, labels, groups, cfg: TrainConfig, snr=None, kinds=None,
-                   label_noise: float = 0.0) -> dict:
+                   label_noise: float = 0.0, extra=None) -> dict:
     """Every visit held out once: ``cfg.outer_folds`` visit folds, each predicted by a model (model choice,
     calibration, threshold) trained on the other folds only; metrics of the pooled held-out predictions.
 
@@ -1138,14 +1160,15 @@ def pooled_heldout(features: pd.DataFrame, labels, groups, cfg: TrainConfig, snr
         if y[tr].min() == y[tr].max() or len(np.unique(g[tr])) < 2:
             raise DiapipeError("a visit fold leaves a training set with one class or one visit; "
                                "set realbogus.outer_folds lower or 0")
-        m, rep = train(features.iloc[tr], y[tr], g[tr], cfg)
+        m, rep = train(features.iloc[tr], y[tr], g[tr], cfg, extra=extra)
         chosen.append(rep["chosen"])
         with threadpool_limits(limits=cfg.n_jobs):
             s[te] = m.reliability(features.iloc[te], threads=cfg.n_jobs)
         thr[te] = m.threshold
         if label_noise > 0:
             m1, _ = train(features.iloc[tr], noisy[tr], g[tr], TrainConfig(**{**cfg.__dict__,
-                                                                               "models": (rep["chosen"],)}))
+                                                                               "models": (rep["chosen"],)}),
+                          extra=extra)
             with threadpool_limits(limits=cfg.n_jobs):
                 s1[te] = m1.reliability(features.iloc[te], threads=cfg.n_jobs)
     ev = evaluate(y, s, 0.5, snr=None if snr is None else np.asarray(snr),
@@ -1183,7 +1206,8 @@ def _factors(y, s0, s1) -> tuple[dict, dict, dict]:
     """Degradation factors (noisy + floor) / (clean + floor), floor = one event of the relevant class."""
     y = np.asarray(y).astype(int)
     nr, nb = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
-    floors = {"auc_deficit": 1.0 / np.sqrt(nr * nb), "mdr_at_fpr1": 1.0 / nr, "fpr_at_mdr1": 1.0 / nb}
+    # one misranked diaSource moves 1-AUC by up to 1/min(n_real, n_bogus)
+    floors = {"auc_deficit": 1.0 / min(nr, nb), "mdr_at_fpr1": 1.0 / nr, "fpr_at_mdr1": 1.0 / nb}
     v0, v1 = _noise_metrics(y, s0), _noise_metrics(y, s1)
     return v0, v1, {k: (v1[k] + floors[k]) / (v0[k] + floors[k]) for k in v0} | {"_floors": floors}
 
@@ -1237,7 +1261,7 @@ def compare_label_noise(y, s_clean, s_noisy, groups=None, seed=0, n_boot=200) ->
 
 
 def label_noise_experiment(Xtr, ytr, gtr, Xte, yte, model_name, cfg, fraction=0.05, clean_scores=None,
-                           groups_te=None) -> dict:
+                           groups_te=None, extra=None) -> dict:
     """Retrain ``model_name`` with ``fraction`` of the training labels flipped; compare held-out metrics
     (clean labels) with ``compare_label_noise``.  ``clean_scores``: held-out reliabilities of the model
     trained on the clean labels with the same settings (trained here if not given)."""
@@ -1250,10 +1274,10 @@ def label_noise_experiment(Xtr, ytr, gtr, Xte, yte, model_name, cfg, fraction=0.
     noisy = np.where(flip, 1 - ytr, ytr)
     cfg1 = TrainConfig(**{**cfg.__dict__, "models": (model_name,)})
     if clean_scores is None:
-        m0, _ = train(Xtr, ytr, gtr, cfg1)
+        m0, _ = train(Xtr, ytr, gtr, cfg1, extra=extra)
         clean_scores = m0.reliability(Xte, threads=cfg.n_jobs)
     s0 = np.asarray(clean_scores, float)
-    m1, _ = train(Xtr, noisy, gtr, cfg1)
+    m1, _ = train(Xtr, noisy, gtr, cfg1, extra=extra)
     s1 = m1.reliability(Xte, threads=cfg.n_jobs)
     out = compare_label_noise(yte, s0, s1, groups=None if groups_te is None else np.asarray(groups_te),
                               seed=cfg.seed)
@@ -1277,11 +1301,24 @@ def run_train(feature_paths, classes_path, dia_path, model_out, metrics_out, plo
     log.info("training set: %d diaSources (%d real, %d bogus) in %d visits", len(y), y.sum(), len(y) - y.sum(),
              tab["visit"].nunique())
     noise = float((config or {}).get("label_noise_check", 0.0))
+    extra = synthetic_training_rows(cfg)
     model, metrics = train_and_evaluate(tab, y, tab["visit"].to_numpy(), cfg, snr=tab["detSnr"].to_numpy(),
-                                        kinds=tab["truthClass"].to_numpy(), label_noise=noise)
+                                        kinds=tab["truthClass"].to_numpy(), label_noise=noise, extra=extra)
     save_model(model, model_out)
     _write_metrics(metrics, metrics_out, plots_dir)
     return model, metrics
+
+
+def synthetic_training_rows(cfg: TrainConfig):
+    """(features, labels) of ``cfg.synthetic_visits`` x ``cfg.synthetic_per_visit`` synthetic triplets
+    (diapipe.realbogus_synth, seeded by cfg.seed), or None: extra training rows of every bogus kind."""
+    if cfg.synthetic_visits <= 0:
+        return None
+    from .realbogus_synth import make_synthetic, synthetic_features
+
+    cut, tab = make_synthetic(cfg.synthetic_visits, cfg.synthetic_per_visit, seed=cfg.seed, size=41)
+    log.info("synthetic training rows: %d (%d real)", len(tab), int(tab["label"].sum()))
+    return synthetic_features(cut, tab), tab["label"].to_numpy()
 
 
 def _write_metrics(metrics, metrics_out, plots_dir=None):
@@ -1520,34 +1557,42 @@ def read_triplet_dir(directory) -> tuple[pd.DataFrame, dict]:
 
 
 #: How ``score_cutouts`` finds the PSF FWHM of stamps that carry none.
-FWHM_METHODS = ("stars", "stars-median", "central", "central-median")
+FWHM_METHODS = ("stars", "stars-science", "stars-median", "central", "central-median")
 
 
 def score_cutouts(model: RealBogusModel, table: pd.DataFrame, cubes: dict, fwhm=None, method: str = "stars"):
     """Features + reliability of cutout triplets; ``fwhm`` (pixels) if known, else estimated.
 
-    Without ``fwhm``: 'stars' = each stamp's own point sources (``estimate_fwhm_stars``; stamps without
-    stars take the median of the others), 'stars-median' = that median for every stamp, 'central' /
-    'central-median' = the area above half maximum of the central source (``estimate_fwhm``; biased by
-    hosts and quantised at 2 px seeing; kept for comparison).
+    Without ``fwhm`` (``estimate_fwhm_stars`` on each epoch; stamps without stars take the median of the
+    others):
+    'stars' = the broader of the science and template star FWHMs: the difference image has the PSF of
+    the blurrier epoch (the sharper one is convolved to match it), and the survey features use the
+    difference image's PSF;  'stars-science' = the science stars only;  'stars-median' = the median of
+    'stars' for every stamp;  'central' / 'central-median' = the area above half maximum of the central
+    source (``estimate_fwhm``; biased by hosts and quantised at 2 px seeing; kept for comparison).
     """
     est = estimate_fwhm(cubes["science"])
-    star_fwhm, n_stars = estimate_fwhm_stars(cubes["science"])
+    star_sci, n_stars = estimate_fwhm_stars(cubes["science"])
+    star_ref, _ = estimate_fwhm_stars(cubes["template"])
+    star_diff = np.fmax(star_sci, star_ref)
     if fwhm is not None:
         use = np.full(len(est), float(fwhm))
     elif method not in FWHM_METHODS:
         raise ValueError(f"unknown FWHM method {method!r}; known: {FWHM_METHODS}")
     else:
-        src = star_fwhm if method.startswith("stars") and np.isfinite(star_fwhm).any() else est
+        src = {"stars": star_diff, "stars-science": star_sci, "stars-median": star_diff}.get(method, est)
+        if not np.isfinite(src).any():  # no star in any stamp: the central source is all there is
+            src = est
         good = src[np.isfinite(src)]
         med = np.median(good) if len(good) else 2.5
-        use = np.where(np.isfinite(src), src, med) if not method.endswith("median") else np.full(len(est), med)
+        use = np.full(len(est), med) if method.endswith("median") else np.where(np.isfinite(src), src, med)
         use = np.clip(use, 1.0, 20.0)
     feats = compute_features(cubes["science"], cubes["template"], cubes["difference"], use)
     out = table.reset_index(drop=True).copy()
     out["fwhm"] = use
     out["fwhm_estimate"] = est
-    out["fwhm_stars"] = star_fwhm
+    out["fwhm_stars_science"] = star_sci
+    out["fwhm_stars_template"] = star_ref
     out["n_psf_stars"] = n_stars
     out = pd.concat([out, feats], axis=1)
     out["reliability"] = model.reliability(feats)
@@ -1590,8 +1635,9 @@ def add_cli(subparsers) -> None:
     s.add_argument("--fwhm", type=float, default=None, help="PSF FWHM in pixels (default: measured on the "
                    "point sources of each science stamp, see --fwhm-method)")
     s.add_argument("--fwhm-method", choices=FWHM_METHODS, default="stars",
-                   help="how to estimate the FWHM without --fwhm: 'stars' (each stamp's stars, else the folder "
-                   "median), 'stars-median', 'central', 'central-median' (central source; biased by hosts)")
+                   help="how to estimate the FWHM without --fwhm: 'stars' (the broader of the science and "
+                   "template stars' FWHM = the difference PSF; stamps without stars: the folder median), "
+                   "'stars-science', 'stars-median', 'central', 'central-median' (central source; biased by hosts)")
     s.set_defaults(func=_cli_score_cutouts)
 
     t = sub.add_parser("train-synthetic", help="train and evaluate a model on synthetic cutout triplets")
@@ -1604,6 +1650,15 @@ def add_cli(subparsers) -> None:
     t.add_argument("--label-noise", type=float, default=0.05, help="fraction of labels flipped in the check")
     t.add_argument("--threads", type=int, default=1)
     t.set_defaults(func=_cli_train_synthetic)
+
+    r = sub.add_parser("train", help="train and evaluate on a finished run's products (as rule train_realbogus)")
+    r.add_argument("results", help="the run's results directory (realbogus/features/*/*.parquet, "
+                   "completeness/classes.parquet, diaSources.parquet)")
+    r.add_argument("-o", "--out", required=True, help="directory for model.skops, metrics.json and plots/")
+    r.add_argument("--config", nargs="+", default=["config/config.yaml"], help="config files (realbogus block, seed)")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="realbogus settings to override")
+    r.add_argument("--threads", type=int, default=2)
+    r.set_defaults(func=_cli_train_run)
 
     d = sub.add_parser("feature-doc", help="write the feature documentation (Markdown)")
     d.add_argument("-o", "--output", default="docs/realbogus-features.md")
@@ -1622,6 +1677,38 @@ def _cli_score_cutouts(args) -> int:
     n_pass = int(out["isReliable"].sum())
     print(f"{len(out)} triplets, FWHM {np.median(out['fwhm']):.2f} px, {n_pass} ({n_pass / len(out):.1%}) with "
           f"reliability >= {model.threshold:.4f}; wrote {args.output}")
+    return 0
+
+
+def _cli_train_run(args) -> int:
+    import yaml
+
+    from . import config as dconfig
+    from .logs import setup
+
+    setup()
+    conf = dconfig.load(*args.config)
+    block = dict(conf["realbogus"], seed=conf["seed"], n_jobs=args.threads)
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        block[k] = yaml.safe_load(v)
+    res, out = Path(args.results), Path(args.out)
+    paths = sorted(res.glob("realbogus/features/*/*.parquet"))
+    if not paths:
+        raise DiapipeError("no feature tables realbogus/features/*/*.parquet", res)
+    _, m = run_train(paths, res / "completeness" / "classes.parquet", res / "diaSources.parquet",
+                     out / "model.skops", out / "metrics.json", plots_dir=out / "plots", config=block)
+    for key in ("heldout", "heldout_all_visits"):
+        if key in m:
+            h, c = m[key], m[key]["confusion"]
+            print(f"{key}: {h['n_real']} real, {h['n_bogus']} bogus: AUC {h['auc']:.5f}, MDR@FPR1% "
+                  f"{h['mdr_at_fpr1']:.4f}, FPR@MDR1% {h['fpr_at_mdr1']:.4f}; at the threshold TP {c['tp']} "
+                  f"FN {c['fn']} FP {c['fp']} TN {c['tn']}")
+    for key, ln in (("single hold-out", m.get("label_noise")),
+                    ("pooled", m.get("heldout_all_visits", {}).get("label_noise"))):
+        if ln:
+            print(f"label noise ({key}): factor {ln['max_factor']:.2f}, events {ln['events']}, "
+                  f"bootstrap {ln['bootstrap']}")
     return 0
 
 

@@ -211,6 +211,55 @@ def test_label_noise_degrades_less_than_factor_2(synth, trained):
     assert res["noisy_confusion"]["mdr"] > 0.1
 
 
+def test_label_noise_check_reports_counts_and_spread():
+    """The comparison counts events and bootstraps the factor: a one-event change is not a degradation,
+    a score that has lost most of its ranking is (p of a factor >= 2 near 1)."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(400, int), np.zeros(100, int)]
+    clean = np.where(y == 1, rng.uniform(0.5, 1, 500), rng.uniform(0, 0.5, 500))
+    one_more = clean.copy()
+    one_more[400] = 0.99  # one bogus now scores above most real ones
+    res = rb.compare_label_noise(y, clean, one_more, seed=1)
+    assert res["events"]["fpr_at_mdr1"]["clean"] == 0 and res["events"]["fpr_at_mdr1"]["noisy"] == 1
+    assert res["max_factor"] == pytest.approx(2.0) and not res["passes_factor_2"]
+    assert res["bootstrap"]["unit"].startswith("diaSource") and 0.3 < res["bootstrap"]["p_factor_ge_2"] < 1.0
+    bad = np.where(rng.random(500) < 0.2, rng.uniform(0, 1, 500), clean)
+    res = rb.compare_label_noise(y, clean, bad, groups=np.arange(500) % 10, seed=1)
+    assert res["bootstrap"]["unit"] == "visit" and res["bootstrap"]["p_factor_ge_2"] > 0.95
+    assert res["max_factor"] > 5
+
+
+def test_reliability_ties_broken_by_raw_score(trained, synth):
+    """Isotonic steps would tie many diaSources: the reliability keeps the classifier's order and moves
+    no probability by more than 1e-4."""
+    model, _ = trained
+    _, _, feats = synth
+    raw = rb.raw_scores(model.estimator["classifier"], feats[rb.FEATURE_NAMES].to_numpy(float))
+    rel = model.reliability(feats)
+    step = rb._apply_calibrator(model.estimator["calibrator"], raw)
+    assert np.max(np.abs(rel - step)) <= 1e-4
+    order = np.argsort(raw)
+    assert np.all(np.diff(rel[order]) >= 0) and np.all(np.diff(raw[order])[np.diff(rel[order]) == 0] == 0)
+    assert len(np.unique(rel)) > 5 * len(np.unique(step))
+
+
+def test_pooled_heldout_every_visit_once(synth):
+    """outer_folds: every visit predicted by a model that never saw it; pooled metrics, per-fold thresholds."""
+    _, tab, feats = synth
+    y = tab["label"].to_numpy()
+    cfg = rb.TrainConfig(**{**FAST, "outer_folds": 3, "hgb_max_iter": 60})
+    res = rb.pooled_heldout(feats, y, tab["visit"].to_numpy(), cfg, snr=tab["det_snr"].to_numpy(),
+                            kinds=tab["kind"].to_numpy(), label_noise=0.05)
+    assert res["n_real"] + res["n_bogus"] == len(tab) and res["n_folds"] == 3 and len(res["fold_thresholds"]) == 3
+    c = res["confusion"]
+    assert c["tp"] + c["fn"] == res["n_real"] and c["fp"] + c["tn"] == res["n_bogus"]
+    # small training sets (8 visits, 60 boosting iterations): measured AUC 0.9992, FPR 0.2 %, MDR 5.5 %
+    assert res["auc"] >= 0.995 and c["fpr"] <= 0.03 and c["mdr"] <= 0.08, c
+    ln = res["label_noise"]
+    assert 0.03 < ln["fraction_flipped"] < 0.07 and ln["bootstrap"]["unit"] == "visit"
+    assert ln["events"]["mdr_at_fpr1"]["n_real"] == res["n_real"]
+
+
 def test_evaluate_and_plots(trained, tmp_path):
     _, m = trained
     h = dict(m["heldout"])
@@ -263,7 +312,7 @@ def test_score_cutouts_cli_on_ztf(trained, tmp_path):
     t = pd.read_parquet(out)
     assert len(t) == 37 and t["reliability"].between(0, 1).all()
     assert 1.3 < t["fwhm"].median() < 3.0  # ZTF: ~2" seeing at 1"/px, from the stamps' stars
-    assert (t["n_psf_stars"] > 0).mean() > 0.5
+    assert (t["n_psf_stars"] > 0).sum() >= 15  # measured: 19 of the 37 science stamps hold a star above 20 sigma
     assert set(rb.FEATURE_NAMES) <= set(t.columns) and t["objectId"].str.startswith("ZTF").all()
     # ZTF stamps: all spectroscopic SNe/TDEs; a small synthetic model still keeps most of them
     assert t["isReliable"].mean() >= 0.6, t[["objectId", "reliability"]]
