@@ -477,21 +477,45 @@ def rule_times(bench_dir="benchmarks") -> pd.DataFrame:
 
 def depth_5sigma(exposure) -> float:
     """5-sigma point-source AB depth: MAGZERO - 2.5 log10(5 sqrt(median sky variance / sum(P^2)))."""
-    var = exposure.variance
-    v = float(np.nanmedian(var[np.isfinite(var) & (var > 0)])) if np.isfinite(var).any() else np.nan
-    ny, nx = exposure.shape
-    p = exposure.psf.image(nx / 2, ny / 2) if exposure.psf is not None else None
-    if p is None or not np.isfinite(v):
+    return _depth(exposure.variance, exposure.psf, exposure.metadata.get("MAGZERO", np.nan))
+
+
+def _depth(var: np.ndarray, psf, magzero: float) -> float:
+    """depth_5sigma from a variance plane (e-^2), the PSF model (at the centre) and MAGZERO (AB mag of 1 e-)."""
+    ok = np.isfinite(var) & (var > 0)
+    if psf is None or not ok.any():
         return float("nan")
+    v = float(np.median(var[ok]))
+    ny, nx = var.shape
+    p = psf.image(nx / 2, ny / 2)
     p = p / p.sum()
-    return float(exposure.metadata["MAGZERO"]) - 2.5 * np.log10(5 * np.sqrt(v / (p**2).sum()))
+    return float(magzero) - 2.5 * np.log10(5 * np.sqrt(v / (p**2).sum()))
+
+
+def read_calexp_summary(path) -> dict:
+    """PRIMARY metadata and 5-sigma depth of a calexp, reading only PRIMARY, VARIANCE and PSF
+    (the report needs no IMAGE/MASK; Exposure.read would load and checksum all of them)."""
+    from astropy.io import fits
+
+    from .exposure import _metadata_from_header
+    from .fileio import DiapipeError
+    from .psf import PixelPsf
+
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            names = [h.name for h in hdul]
+            meta = _metadata_from_header(hdul[0].header)
+            psf = PixelPsf.from_hdu(hdul["PSF"]) if "PSF" in names else None
+            var = np.asarray(hdul["VARIANCE"].data, np.float32)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DiapipeError(f"cannot read the calexp for the report ({exc})", path) from exc
+    meta["depth5sigma"] = _depth(var, psf, meta.get("MAGZERO", np.nan))
+    return meta
 
 
 def visit_table(calexp_paths: dict, dia: pd.DataFrame, truth_visits: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (visit, detector): band, MJD, seeing (arcsec FWHM), zero point (AB mag of 1 e-), 5-sigma depth
     (AB mag), diaSources (all and reliable); with the simulated truth, the true seeing and zero point."""
-    from .exposure import Exposure
-
     ndia = dia.groupby(["visit", "detector"]).size() if len(dia) else pd.Series(dtype=int)
     nrel = (dia[dia["isReliable"].astype(bool)].groupby(["visit", "detector"]).size()
             if len(dia) and "isReliable" in dia else None)
@@ -499,14 +523,13 @@ def visit_table(calexp_paths: dict, dia: pd.DataFrame, truth_visits: pd.DataFram
     rows = []
     for (v, d), p in sorted(calexp_paths.items()):
         try:
-            e = Exposure.read(p)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("cannot read %s: %s", p, exc)
+            m = read_calexp_summary(p)
+        except Exception as exc:  # noqa: BLE001 - one unreadable calexp must not lose the report
+            log.warning("%s", exc)
             continue
-        m = e.metadata
         row = {"visit": v, "detector": d, "band": m.get("band", m.get("FILTER", "")),
                "mjd": m.get("MJD-OBS", np.nan), "seeing_arcsec": m.get("SEEING", np.nan),
-               "zeropoint": m.get("MAGZERO", np.nan), "depth5sigma": depth_5sigma(e),
+               "zeropoint": m.get("MAGZERO", np.nan), "depth5sigma": m["depth5sigma"],
                "nDiaSources": int(ndia.get((v, d), 0)) if len(ndia) else 0}
         if nrel is not None:
             row["nReliable"] = int(nrel.get((v, d), 0))

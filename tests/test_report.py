@@ -231,6 +231,12 @@ def test_tiny_visit_table_and_astrometry_against_truth(tiny_run):
     assert (t["zeropoint"] - t["zeropoint_true"]).abs().max() < 0.05
     assert ((t["seeing_arcsec"] / t["seeing_true"] - 1).abs() < 0.10).all()
     assert t["depth5sigma"].between(22, 27).all()
+    # the light calexp reader gives the same depth as the full Exposure
+    from diapipe.exposure import Exposure
+
+    (v, d), p = sorted(prod["calexp"].items())[-1]
+    row = t[(t["visit"] == v) & (t["detector"] == d)].iloc[0]
+    assert row["depth5sigma"] == pytest.approx(report.depth_5sigma(Exposure.read(p)), abs=1e-9)
     ts = pd.read_parquet(tiny_run.path("truth_sources"))
     a, resid = report.astrometry_table(prod["calexp"], prod["src"], ts)
     assert (a["nTruth"] >= 5).all()
