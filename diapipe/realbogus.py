@@ -752,6 +752,9 @@ def _train(features, labels, groups, cfg, extra=None):
         "threshold": threshold,
         "target_fpr": cfg.target_fpr,
         "training_data_sha256": data_hash(features[FEATURE_NAMES], y, g),
+        "extra_training_rows": 0 if ex is None else int(len(ex[1])),
+        "extra_training_data_sha256": None if ex is None else data_hash(
+            pd.DataFrame(ex[0], columns=FEATURE_NAMES), ex[1], np.zeros(len(ex[1]), np.int64)),
         "n_train": int(len(y)),
         "train_visits": sorted(int(v) for v in np.unique(g)),
         "library_versions": library_versions(),
