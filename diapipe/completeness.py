@@ -59,12 +59,16 @@ def _nearest(src_xy, dst_xy, radius):
 CLEAN_FLAGS = ("psfFlux_flag", "centroid_flag", "dipole_flag", "pixelFlags_edge", "pixelFlags_saturated",
                "pixelFlags_badCenter", "pixelFlags_crCenter", "pixelFlags_interpolatedCenter",
                "pixelFlags_suspectCenter")
+#: ... and its PSF fit is that of a point source: reduced chi^2 <= this (a fake on a satellite
+#: trail or a bright-star residual fits at chi^2/ndof ~ 10-200; isolated point sources at ~1).
+CLEAN_MAX_PSF_CHI2 = 5.0
 
 
 def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> pd.DataFrame:
     """Fakes with detected, diaSourceId, psfFlux(Err), measured x/y and offsets (per visit, detector).
 
-    ``clean``: detected, and its diaSource has none of ``CLEAN_FLAGS`` and no negative lobe.
+    ``clean``: detected, and its diaSource has none of ``CLEAN_FLAGS``, no negative lobe and a
+    PSF-fit reduced chi^2 <= ``CLEAN_MAX_PSF_CHI2``.
     """
     out = []
     for (v, d), f in fakes.groupby(["visit", "detector"], sort=True):
@@ -87,6 +91,8 @@ def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> 
                 flagged |= s[col].to_numpy(bool)
         if "dipoleChi2Ndof" in s:  # a negative lobe was fitted: psfFlux at a fixed (midpoint) position
             flagged |= np.isfinite(s["dipoleChi2Ndof"].to_numpy(float))
+        if "psfChi2Ndof" in s:
+            flagged |= ~(s["psfChi2Ndof"].to_numpy(float) <= CLEAN_MAX_PSF_CHI2)
         f["clean"] = hit & ~(flagged[np.clip(idx, 0, max(len(s) - 1, 0))] if len(s) else True)
         out.append(f)
     return pd.concat(out, ignore_index=True) if out else fakes.assign(detected=False)
