@@ -57,3 +57,16 @@ def test_psf_fwhm_within_3_percent_to_the_corners(first_science_visit):
     # (measured 1.9%; the free pixel basis gave 4.5% here)
     assert first_science_visit["n_psf"] < 100  # really the sparse-field model
     assert first_science_visit["fwhm_err_max"] < 0.03
+
+
+def test_psf_fwhm_sparse_field_weights_stars_by_snr():
+    # visit 6, detector 0: 65 PSF stars, few at the x = 2047 corners.  With an intrinsic
+    # scatter solved for chi^2/dof = 1 and a free quadratic size the model reached 4.95%
+    # there; S/N weights and the radial size {1, u, v, u^2 + v^2} measured 2.0%.
+    cfg = dpconfig.load(REPO / "config" / "config.yaml")
+    plan = S.plan_survey(cfg)
+    row = _survey_module().measure(plan, cfg, 6, 0)
+    print(row)
+    assert row["n_psf"] < 100
+    assert row["fwhm_err_max"] < 0.03
+    assert abs(row["dMAGZERO"]) < 0.01
