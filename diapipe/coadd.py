@@ -240,8 +240,10 @@ def _kernels_from_stars(img, ref, ref_var, valid, smax, nmax: int = 100, min_sta
 
     n = img.shape[0]
     r = int(np.ceil(3 * 2.355 * smax))  # half-box: 3 FWHM
-    allv = valid.all(axis=0)
-    clean = np.where(allv, np.nan_to_num(ref), 0.0)
+    # candidate stars wherever the median stack exists; each warp is measured on those it covers
+    # (dithers and chip gaps leave few places covered by every warp)
+    allv = np.isfinite(ref) & np.isfinite(ref_var)
+    clean = np.where(allv, ref, 0.0)
     sn = clean / np.sqrt(np.where(allv & (ref_var > 0), ref_var, np.inf))
     mx = ndimage.maximum_filter(clean, size=2 * r + 1)
     ny, nx = clean.shape
@@ -255,20 +257,19 @@ def _kernels_from_stars(img, ref, ref_var, valid, smax, nmax: int = 100, min_sta
     frac = np.full((n, len(yy)), np.nan)
     for k, (y, x) in enumerate(zip(yy, xx)):
         box = img[:, y - r:y + r + 1, x - r:x + r + 1]
-        if not np.isfinite(box).all():
-            continue
-        tot = box.sum(axis=(1, 2)) - box[:, [0, -1], :].mean(axis=(1, 2)) * box[0].size  # edge rows: local sky
-        core = img[:, y - 1:y + 2, x - 1:x + 2].sum(axis=(1, 2)) - box[:, [0, -1], :].mean(axis=(1, 2)) * 9
-        frac[:, k] = core / tot
-    good = np.isfinite(frac).all(axis=0) & (frac > 0).all(axis=0) & (frac < 1).all(axis=0)
-    if good.sum() < min_stars:
+        sky = box[:, [0, -1], :].mean(axis=(1, 2))  # edge rows: local sky
+        tot = box.sum(axis=(1, 2)) - sky * box[0].size
+        core = img[:, y - 1:y + 2, x - 1:x + 2].sum(axis=(1, 2)) - sky * 9
+        frac[:, k] = core / tot  # NaN where the warp does not cover the whole box
+    good = np.isfinite(frac) & (frac > 0) & (frac < 1)
+    if good.sum(axis=1).min() < min_stars:
         return None
-    f = np.median(frac[:, good], axis=1)
+    f = np.array([np.median(fi[g]) for fi, g in zip(frac, good)])
     # invert erf(1.5 / (s sqrt 2))^2 = f for s
     from scipy.special import erfinv
 
     s_eff = 1.5 / (np.sqrt(2) * erfinv(np.sqrt(np.clip(f, 1e-6, 1 - 1e-9))))
-    log.info("PSF matching from %d stars: effective core sigma %s px", int(good.sum()), np.round(s_eff, 2))
+    log.info("PSF matching from %s stars per warp: effective core sigma %s px", good.sum(axis=1), np.round(s_eff, 2))
     return np.sqrt(np.maximum(s_eff.max() ** 2 - s_eff**2, 0.0))
 
 
