@@ -321,14 +321,17 @@ def kernel_trends_figure(table: pd.DataFrame, stamps: pd.DataFrame | None = None
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(7.2, 4.6), sharex=True)
     a = axes.ravel()
-    for d, g in table.groupby("detector"):
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (d, g) in enumerate(table.groupby("detector")):
         g = g.sort_values("visit")
+        c = f"C{i % 10}"  # one colour per detector in every panel
         half = g["fluxRatio"] * g["fluxRatioSpread_pct"].fillna(0) / 200
-        a[0].errorbar(g["visit"], g["fluxRatio"], half, fmt="o-", ms=3, lw=0.5, capsize=2, label=f"det {d}")
-        a[2].plot(g["visit"], g["nStamps"], "o-", ms=3, lw=0.5, label=f"used, det {d}")
-        a[2].plot(g["visit"], g["nRejected"], "s--", ms=3, lw=0.5, mfc="none", label=f"rejected, det {d}")
-        a[3].plot(g["visit"], g["diffRms"], "o-", ms=3, lw=0.5, label=f"det {d}")
-        a[1].plot(g["visit"], g["stampChi2"], "o-", ms=4, lw=0.5, label=f"mean, det {d}")
+        a[0].errorbar(g["visit"], g["fluxRatio"], half, fmt="o-", ms=3, lw=0.5, capsize=2, color=c, label=f"det {d}")
+        a[2].plot(g["visit"], g["nStamps"], "o-", ms=3, lw=0.5, color=c, label=f"used, det {d}")
+        a[2].plot(g["visit"], g["nRejected"], "s--", ms=3, lw=0.5, mfc="none", color=c, label=f"rejected, det {d}")
+        a[3].plot(g["visit"], g["diffRms"], "o-", ms=3, lw=0.5, color=c, label=f"det {d}")
+        a[1].plot(g["visit"], g["stampChi2"], "o-", ms=4, lw=0.5, color=c, label=f"mean, det {d}")
     if stamps is not None and len(stamps):
         jit = np.random.default_rng(0).uniform(-0.15, 0.15, len(stamps))  # display only
         a[1].plot(stamps["visit"] + jit, stamps["chi2_spatial"], ".", color="0.6", ms=2, zorder=0,
@@ -341,6 +344,7 @@ def kernel_trends_figure(table: pd.DataFrame, stamps: pd.DataFrame | None = None
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=5)
     a[2].set_xlabel("visit", fontsize=7), a[3].set_xlabel("visit", fontsize=7)
+    a[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _fig_png(fig)
 
@@ -417,6 +421,10 @@ def astrometry_trends_figure(table: pd.DataFrame) -> bytes:
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=5)
     a1.set_ylim(bottom=0), a2.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _fig_png(fig)
 
