@@ -225,6 +225,8 @@ NOISE_CORR_HALF = 8
 #: Largest rms difference (short lags) between a measured noise autocorrelation and the
 #: resampling model for the model to be used (our templates: ~0.005).
 MAX_MODEL_MISFIT = 0.03
+# neighbour noise correlation above which 'blank sky' is taken to be source light, not noise
+MAX_NOISE_RHO1 = 0.5
 #: At most this many pixels (a central window) enter the noise measurement: the
 #: correlation is local, and 1 Mpx give each coefficient to ~0.001.
 NOISE_MAX_PIXELS = 1 << 20
@@ -729,6 +731,14 @@ def _input_noise(img, var, mask, nodata, which, path, data_id):
     # the measured stamp is noisy and biased upward at every lag by faint-source light (a sum over
     # 289 lags adds that up): its strong short lags fix the resampling model, which is used instead
     nres, misfit = fit_resampling_model(rho_meas, return_misfit=True)
+    rho1 = float(rho_meas[rho_meas.shape[0] // 2, rho_meas.shape[0] // 2 + 1])
+    # A neighbour correlation far above any resampling's (two Lanczos-3 passes give ~0.2) means the
+    # "blank sky" is source light (crowded fields such as the SAAO frames): its scale is not noise.
+    if misfit > MAX_MODEL_MISFIT and (rho1 > MAX_NOISE_RHO1 or not (0.5 < scale < 2.0)):
+        log.warning("%s %s: no blank sky to measure the noise on (rho(1 px) = %.3f, noise^2/variance %.2f, "
+                    "a crowded field?); its variance plane is taken as white and right", which, data_id,
+                    rho1, scale)
+        return 1.0, None, -1.0
     rho = resampling_noise_model(nres) if nres >= 0.05 else None
     if rho is not None and misfit > MAX_MODEL_MISFIT:
         log.warning("%s %s: noise correlation (rho(1 px) = %.3f) unlike Lanczos resampling (rms misfit %.3f): "
