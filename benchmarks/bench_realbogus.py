@@ -138,7 +138,9 @@ def main():
     summary["top_importances"] = dict(list(h["importances"].items())[:10])
     summary["acceptance"] = {"auc>=0.999": h["auc"] >= 0.999, "mdr_at_fpr1<=0.005": h["mdr_at_fpr1"] <= 0.005,
                              "fpr_at_mdr1<=0.005": h["fpr_at_mdr1"] <= 0.005,
-                             "label_noise_factor<2": metrics["label_noise"]["passes_factor_2"]}
+                             "label_noise_factor<2": metrics["label_noise"]["passes_factor_2"],
+                             "label_noise_factor<2_bootstrap_median": metrics["label_noise"]["passes_factor_2_bootstrap"],
+                             "label_noise_significant_degradation": metrics["label_noise"]["significant_degradation"]}
 
     # 3. scoring speed: 100,000 diaSources
     big = feats.sample(100_000, replace=True, random_state=0).reset_index(drop=True)

@@ -226,6 +226,7 @@ def test_label_noise_check_reports_counts_and_spread():
     bad = np.where(rng.random(500) < 0.2, rng.uniform(0, 1, 500), clean)
     res = rb.compare_label_noise(y, clean, bad, groups=np.arange(500) % 10, seed=1)
     assert res["bootstrap"]["unit"] == "visit" and res["bootstrap"]["p_factor_ge_2"] > 0.95
+    assert res["significant_degradation"] and not res["passes_factor_2_bootstrap"]
     assert res["max_factor"] > 5
 
 
