@@ -153,17 +153,20 @@ def shape_generators(psf0: np.ndarray) -> np.ndarray:
     return np.stack([dil, g1, g2])
 
 
-def transform_psf(img: np.ndarray, p) -> np.ndarray:
+def transform_psf(img: np.ndarray, p, prefiltered: bool = False) -> np.ndarray:
     """``img`` (centred, unit-sum) dilated by (1 + s) and sheared by (e1, e2), exactly.
 
     p = (s, e1, e2): out(r) = img(A^-1 r) / det A with A = (1 + s) [[1 + e1, e2], [e2, 1 - e1]]
     (r = pixel offset from the central pixel, x first), the finite transformation whose
     first-order changes are ``shape_generators``.  Cubic-spline resampling; unit sum.
+    prefiltered : ``img`` is already ``ndimage.spline_filter(img, 3, mode="constant")``
+        (one filter for many transformations of the same image).
     """
     a = _shape_matrix(p)  # (x, y) -> (x, y)
     ainv = np.linalg.inv(a)[::-1, ::-1]  # in (row, col) = (y, x) order
     c = np.array([img.shape[0] // 2, img.shape[1] // 2], float)
-    out = ndimage.affine_transform(img, ainv, offset=c - ainv @ c, order=3, mode="constant", cval=0.0)
+    out = ndimage.affine_transform(img, ainv, offset=c - ainv @ c, order=3, mode="constant", cval=0.0,
+                                   prefilter=not prefiltered)
     tot = out.sum()
     return out / tot if tot > 0 else out
 
@@ -218,8 +221,8 @@ def _compose(p, d):
 
 
 def fit_shape_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray,
-                  order: int, x0: float, y0: float, sx: float, sy: float, n_iter: int = 4,
-                  clip: float = 3.0, out_order: int = 4, grid: int = 9,
+                  order: int, x0: float, y0: float, sx: float, sy: float, n_iter: int = 2,
+                  clip: float = 3.0, out_order: int = 4, grid: int = 7,
                   variances: np.ndarray | None = None) -> PixelPsf:
     """Weighted fit of a PixelPsf whose spatial variation is a change of size and shape only.
 
@@ -251,9 +254,11 @@ def fit_shape_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.
     for it in range(n_iter + 1):
         # each star's size and shape (s, e1, e2): Gauss-Newton steps from its current model
         s2 = np.zeros((n, 3))
-        for _gn in range(2):
+        pf = ndimage.spline_filter(psf0, 3, mode="constant")
+        # two Gauss-Newton steps from scratch, then one from the previous estimate
+        for _gn in range(2 if it == 0 else 1):
             for k in range(n):
-                m = transform_psf(psf0, ps[k]).ravel()
+                m = transform_psf(pf, ps[k], prefiltered=True).ravel()
                 gen = shape_generators(m.reshape(h, w)).reshape(3, -1)
                 g = (gen * wp[k]) @ gen.T
                 g += 1e-9 * np.trace(g) * np.eye(3)
@@ -270,7 +275,7 @@ def fit_shape_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.
         # (x0, y0) by the inverse of its predicted transformation
         back = np.zeros((h, w))
         for k in range(n):
-            m = transform_psf(psf0, pred[k]).ravel()
+            m = transform_psf(pf, pred[k], prefiltered=True).ravel()
             filled = np.where(wp[k] > 0, d[k], m).reshape(h, w)
             back += wstar[k] * transform_psf(filled, _inverse_shape(pred[k]))
         psf0 = back / max(wstar.sum(), 1e-300)
@@ -283,7 +288,8 @@ def fit_shape_psf(stamps: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.
     gu, gv = np.meshgrid(g, g)
     gx, gy = x0 + gu.ravel() * sx, y0 + gv.ravel() * sy
     tg = poly_design(gx, gy, order, x0, y0, sx, sy) @ c.T
-    imgs = np.stack([transform_psf(psf0, pk).ravel() for pk in tg])
+    pf = ndimage.spline_filter(psf0, 3, mode="constant")
+    imgs = np.stack([transform_psf(pf, pk, prefiltered=True).ravel() for pk in tg])
     a = poly_design(gx, gy, out_order, x0, y0, sx, sy)
     comps, *_ = np.linalg.lstsq(a, imgs, rcond=None)
     return PixelPsf(comps.reshape(-1, h, w), order=out_order, x0=x0, y0=y0, sx=sx, sy=sy)
