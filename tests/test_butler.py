@@ -10,7 +10,8 @@ from diapipe.butler import Butler
 from diapipe.config import load_schema
 
 REPO = Path(__file__).resolve().parent.parent
-DATA_ID_KEYS = {"visit", "detector", "band", "patch", "seq"}
+# "section" names a report figure folder (report_figures), not an image dimension
+DATA_ID_KEYS = {"visit", "detector", "band", "patch", "seq", "section"}
 
 
 @pytest.fixture(scope="module")
