@@ -4,10 +4,9 @@ Needs root and the Debian packages slurm-wlm and munge; skipped with the reason
 otherwise.  Measured on 2 shared cores: the 3-rule toy ~65 s idle, 105-161 s at
 load ~20; the tiny survey when it was the simulate stage alone (16 jobs) ~5 min.
 Every job pays ~15-20 s of scheduling latency and two Snakemake start-ups, so
-the full tiny DAG (129 jobs) needs tens of minutes: at load 17-25 (the 2 cores
-shared with other work) it did NOT finish within `make slurm-test`'s 2400 s -
-42 of 129 steps after 22 min without job groups, 79 of 129 after 35 min with the
-profile's calib/exposure groups.  Both test wall times are printed and written
+the full tiny DAG (129 jobs; 100 sbatch jobs with the profile's calib/exposure
+groups) needs tens of minutes: 2,242 s at load 7-13 (2026-11-26, passed); at
+load 17-25 it did not finish within 2400 s.  Both test wall times are printed and written
 as JSON beside the test's files (slurm_toy_wall.json, slurm_tiny_wall.json).
 `make slurm-test` installs the packages and runs this file with
 DIAPIPE_SLURM_REQUIRED=1, which turns every skip into a failure.
