@@ -122,7 +122,8 @@ def run_sfft(python, s, t, truth, half, workdir, reuse=False):
                        text=True, env=env, cwd=wd)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("SFFTTIME")]
     if r.returncode != 0 or not line:
-        # returncode -9 with no stderr: killed, e.g. by the OOM killer (SFFT's Numpy backend at 4096^2 passed 21.8 GB RSS here)
+        # returncode -9 and no stderr: killed, e.g. by the OOM killer
+        # (SFFT's Numpy backend at 4096^2 passed 21.8 GB RSS on a 23 GB machine)
         print(f"SFFT failed (returncode {r.returncode}): {r.stderr[-500:]}")
         return None
     _, wall, cpu = line[0].split()
