@@ -53,18 +53,10 @@ def pull_table(lc, srcs, tf, ts, radius, kinds=("sn",)) -> pd.DataFrame:
     """
     import numpy as np
 
-    tid = asc.match_truth(srcs, tf, ts, radius, kinds=kinds)
-    m = pd.DataFrame({"truth": tid, "obj": srcs["diaObjectId"].to_numpy()})
-    m = m[m["truth"] >= 0]
-    obj_truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0])
-    x = lc[lc["diaObjectId"].isin(obj_truth.index)].copy()
-    n_flag = int((x["forced_flag"].astype(bool) & ~x["edge_flag"].astype(bool)).sum())
-    x = x[np.isfinite(x["psfFlux"]) & np.isfinite(x["psfFluxErr"]) & ~x["edge_flag"].astype(bool)
-          & ~x["forced_flag"].astype(bool)]
-    x["truth"] = x["diaObjectId"].map(obj_truth)
-    t = tf[["source_id", "visit", "detector", "flux_nJy"]].rename(columns={"source_id": "truth"})
-    x = x.merge(t, on=["truth", "visit", "detector"], how="left")
-    x["flux_nJy"] = x["flux_nJy"].fillna(0.0)
+    x = asc.truth_matched_points(lc, srcs, tf, ts, radius, kinds)
+    if x is None:
+        return pd.DataFrame()
+    n_flag = x.attrs["n_flagged"]
     x["z"] = (x["psfFlux"] - x["flux_nJy"]) / x["psfFluxErr"]
     x["bin"] = pd.cut(x["flux_nJy"] / x["psfFluxErr"], [-np.inf, 1, 5, 20, 50, 200, np.inf])
     g = x.groupby("bin", observed=True)

@@ -410,6 +410,32 @@ def association_metrics(sources: pd.DataFrame, truth_fluxes, truth_sources, radi
     }
 
 
+def truth_matched_points(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_fluxes, truth_sources,
+                         radius_px: float, kinds=("sn",)) -> pd.DataFrame | None:
+    """Unflagged forced points of diaObjects tied to a simulated source, with its true flux_nJy (0 if none).
+
+    Each diaObject is tied to the true source most of its diaSources match; None
+    when no diaSource matches.  ``attrs['n_flagged']`` counts the forced_flag
+    points (off the edge) that were left out.
+    """
+    tid = match_truth(sources, truth_fluxes, truth_sources, radius_px, kinds=kinds)
+    m = pd.DataFrame({"truth": tid, "obj": sources["diaObjectId"].to_numpy()})
+    m = m[m["truth"] >= 0]
+    if len(m) == 0:
+        return None
+    obj_truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0])
+    lc = lightcurves[lightcurves["diaObjectId"].isin(obj_truth.index)].copy()
+    edge = lc["edge_flag"].astype(bool)
+    n_flagged = int((lc["forced_flag"].astype(bool) & ~edge).sum())
+    lc = lc[np.isfinite(lc["psfFlux"]) & np.isfinite(lc["psfFluxErr"]) & ~edge & ~lc["forced_flag"].astype(bool)]
+    lc["truth"] = lc["diaObjectId"].map(obj_truth)
+    tf = truth_fluxes[["source_id", "visit", "detector", "flux_nJy"]].rename(columns={"source_id": "truth"})
+    lc = lc.merge(tf, on=["truth", "visit", "detector"], how="left")
+    lc["flux_nJy"] = lc["flux_nJy"].fillna(0.0)
+    lc.attrs["n_flagged"] = n_flagged
+    return lc
+
+
 def lightcurve_chi2(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_fluxes, truth_sources,
                     kinds=("sn",), radius_px: float = 2.0, min_snr_detected: float = 0.0) -> dict:
     """chi^2 per point of forced diffexp fluxes against the true fluxes of simulated transients.
@@ -418,19 +444,9 @@ def lightcurve_chi2(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_flux
     forced point of it (detected or not) is compared with that source's true
     flux_nJy in the exposure (0 when the truth has no row, e.g. before explosion).
     """
-    tid = match_truth(sources, truth_fluxes, truth_sources, radius_px, kinds=kinds)
-    m = pd.DataFrame({"truth": tid, "obj": sources["diaObjectId"].to_numpy()})
-    m = m[m["truth"] >= 0]
-    if len(m) == 0:
+    lc = truth_matched_points(lightcurves, sources, truth_fluxes, truth_sources, radius_px, kinds)
+    if lc is None:
         return {"n_objects": 0, "n_points": 0, "chi2_dof": float("nan")}
-    obj_truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0])
-    lc = lightcurves[lightcurves["diaObjectId"].isin(obj_truth.index)].copy()
-    lc = lc[np.isfinite(lc["psfFlux"]) & np.isfinite(lc["psfFluxErr"]) & ~lc["edge_flag"].astype(bool)
-            & ~lc["forced_flag"].astype(bool)]
-    lc["truth"] = lc["diaObjectId"].map(obj_truth)
-    tf = truth_fluxes[["source_id", "visit", "detector", "flux_nJy"]].rename(columns={"source_id": "truth"})
-    lc = lc.merge(tf, on=["truth", "visit", "detector"], how="left")
-    lc["flux_nJy"] = lc["flux_nJy"].fillna(0.0)
     z = (lc["psfFlux"] - lc["flux_nJy"]) / lc["psfFluxErr"]
     return {"n_objects": int(lc["diaObjectId"].nunique()), "n_points": int(len(lc)),
             "chi2_dof": float((z ** 2).mean()) if len(lc) else float("nan"),
