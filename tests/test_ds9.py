@@ -111,14 +111,21 @@ def test_show_under_xvfb(tmp_path, monkeypatch):
     xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "1024x900x24", "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     monkeypatch.setenv("DISPLAY", display)
+    # XPA's default inet method needs the host name to resolve; CI containers may not have it in
+    # /etc/hosts, so DS9 and xpaget talk over local unix sockets instead.
+    monkeypatch.setenv("XPA_METHOD", "local")
     title = f"dpt{os.getpid()}"
     proc = None
     try:
         time.sleep(1.0)
         proc = ds9.show(tmp_path / "d.fits", tmp_path / "d.reg", title=title)
 
+        errors = []
+
         def xpaget(*args):
             r = subprocess.run(["xpaget", title, *args], capture_output=True, text=True, timeout=20)
+            if r.returncode != 0:
+                errors.append(r.stderr.strip())
             return r.stdout if r.returncode == 0 else None
 
         t0 = time.monotonic()
@@ -127,7 +134,7 @@ def test_show_under_xvfb(tmp_path, monkeypatch):
             assert proc.poll() is None, "DS9 exited"
             loaded = xpaget("file")
             time.sleep(0.5)
-        assert loaded and "d.fits" in loaded, loaded
+        assert loaded and "d.fits" in loaded, f"xpaget file gave {loaded!r}; last XPA error: {errors[-1:]}"
         regions = xpaget("regions", "-format", "ds9", "-system", "image")
         assert regions.count("circle(") + regions.count("box(") == len(dia)
         # DS9 writes back the class tags (and omits color=green, its global default)
