@@ -85,7 +85,8 @@ def _record(tmp_path: Path, name: str, **figures) -> None:
 def _snakemake_slurm(workdir: Path, *args, limit: int) -> tuple[subprocess.CompletedProcess, float]:
     cmd = ["timeout", "-k", "10", str(limit), SNAKEMAKE, "--profile", str(PROFILE), *map(str, args)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=workdir, env=env(slurm=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
     wall = time.monotonic() - t0
     if proc.returncode == 124:
         pytest.fail(f"snakemake --profile slurm timed out after {limit} s:\n{proc.stdout[-4000:]}")

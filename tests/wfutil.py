@@ -35,10 +35,36 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def env() -> dict:
-    """Environment for Snakemake and its jobs: this venv first on PATH."""
+def _no_scontrol_dir() -> Path:
+    """A directory holding an ``scontrol`` that fails at once (made once per process)."""
+    import tempfile
+
+    global _NO_SCONTROL
+    if _NO_SCONTROL is None or not (_NO_SCONTROL / "scontrol").exists():
+        d = Path(tempfile.mkdtemp(prefix="diapipe-no-scontrol-"))
+        (d / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+        (d / "scontrol").chmod(0o755)
+        _NO_SCONTROL = d
+    return _NO_SCONTROL
+
+
+_NO_SCONTROL: Path | None = None
+
+
+def env(slurm: bool = False) -> dict:
+    """Environment for Snakemake and its jobs: this venv first on PATH.
+
+    Unless ``slurm``: Snakemake imports every installed executor plugin, and the
+    SLURM plugin runs ``scontrol show config`` at import, which waits 9 s for a
+    controller that is not running (the one-node test cluster is up only for
+    tests/test_slurm.py).  An ``scontrol`` that fails at once goes first on
+    PATH, so local runs do not pay those 9 s per Snakemake call.
+    """
     e = dict(os.environ)
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    path = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    if not slurm:
+        path = f"{_no_scontrol_dir()}{os.pathsep}{path}"
+    e["PATH"] = path
     e.pop("SNAKEMAKE_PROFILE", None)
     return e
 
