@@ -412,12 +412,21 @@ def association_metrics(sources: pd.DataFrame, truth_fluxes, truth_sources, radi
 
 def truth_matched_points(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_fluxes, truth_sources,
                          radius_px: float, kinds=("sn",)) -> pd.DataFrame | None:
-    """Unflagged forced points of diaObjects tied to a simulated source, with its true flux_nJy (0 if none).
+    """Unflagged forced points of diaObjects tied to a simulated source, with the true flux they should measure.
 
-    Each diaObject is tied to the true source most of its diaSources match; None
-    when no diaSource matches.  ``attrs['n_flagged']`` counts the forced_flag
-    points (off the edge) that were left out.
+    ``flux_nJy`` is the true flux *change since the template* (what a difference
+    image holds): the source's truth flux in the exposure (0 if no row, e.g.
+    before explosion) minus its mean truth flux over the template visits (the
+    truth visits with no forced point; ``completeness.template_truth_flux``).
+    For a supernova absent from the template that is its flux; a variable or
+    flare star is in the template at its mean brightness, and comparing its
+    difference flux with its total flux is meaningless.  ``truth_total_nJy``
+    keeps the total.  Each diaObject is tied to the true source most of its
+    diaSources match; None when no diaSource matches.  ``attrs['n_flagged']``
+    counts the forced_flag points (off the edge) that were left out.
     """
+    from .completeness import template_truth_flux
+
     tid = match_truth(sources, truth_fluxes, truth_sources, radius_px, kinds=kinds)
     m = pd.DataFrame({"truth": tid, "obj": sources["diaObjectId"].to_numpy()})
     m = m[m["truth"] >= 0]
@@ -431,7 +440,10 @@ def truth_matched_points(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth
     lc["truth"] = lc["diaObjectId"].map(obj_truth)
     tf = truth_fluxes[["source_id", "visit", "detector", "flux_nJy"]].rename(columns={"source_id": "truth"})
     lc = lc.merge(tf, on=["truth", "visit", "detector"], how="left")
-    lc["flux_nJy"] = lc["flux_nJy"].fillna(0.0)
+    lc["truth_total_nJy"] = lc["flux_nJy"].fillna(0.0)
+    template_visits = sorted(set(truth_fluxes["visit"].unique()) - set(lightcurves["visit"].unique()))
+    tmpl = template_truth_flux(truth_fluxes, truth_sources, template_visits)
+    lc["flux_nJy"] = lc["truth_total_nJy"] - lc["truth"].map(tmpl).fillna(0.0)
     lc.attrs["n_flagged"] = n_flagged
     return lc
 
@@ -441,8 +453,8 @@ def lightcurve_chi2(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_flux
     """chi^2 per point of forced diffexp fluxes against the true fluxes of simulated transients.
 
     Each diaObject is tied to the true source most of its diaSources match; every
-    forced point of it (detected or not) is compared with that source's true
-    flux_nJy in the exposure (0 when the truth has no row, e.g. before explosion).
+    forced point of it (detected or not) is compared with that source's true flux
+    change since the template in the exposure (``truth_matched_points``).
     """
     lc = truth_matched_points(lightcurves, sources, truth_fluxes, truth_sources, radius_px, kinds)
     if lc is None:

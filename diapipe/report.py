@@ -595,8 +595,13 @@ def gallery(dia: pd.DataFrame, cutout_paths: dict, n: int = 12, sink: FigureSink
 
 
 def lightcurve_figures(objects: pd.DataFrame, lc: pd.DataFrame, truth: pd.Series | None = None,
-                       truth_fluxes: pd.DataFrame | None = None, n: int = 8, sink: FigureSink | None = None) -> str:
-    """Forced light curves (nJy) of the n diaObjects with most detections; truth drawn over them."""
+                       truth_fluxes: pd.DataFrame | None = None, n: int = 8, sink: FigureSink | None = None,
+                       template_flux: pd.Series | None = None) -> str:
+    """Forced light curves (nJy) of the n diaObjects with most detections; truth drawn over them.
+
+    The truth drawn is the flux change since the template (truth flux minus
+    ``template_flux`` of the source, nJy, when given): what a difference image measures.
+    """
     sink = sink or FigureSink()
     import matplotlib
 
@@ -620,7 +625,9 @@ def lightcurve_figures(objects: pd.DataFrame, lc: pd.DataFrame, truth: pd.Series
         if truth is not None and truth_fluxes is not None and o.diaObjectId in truth.index:
             t = truth_fluxes[truth_fluxes["source_id"] == truth[o.diaObjectId]]
             t = pts[["visit", "detector", "midpointMjdTai"]].merge(t, on=["visit", "detector"], how="left")
-            ax.plot(t["midpointMjdTai"], t["flux_nJy"].fillna(0.0), "k-", lw=1, label="truth")
+            t0_flux = float(template_flux.get(truth[o.diaObjectId], 0.0)) if template_flux is not None else 0.0
+            ax.plot(t["midpointMjdTai"], t["flux_nJy"].fillna(0.0) - t0_flux, "k-", lw=1,
+                    label="truth - template" if template_flux is not None else "truth")
         ax.axhline(0, color="0.7", lw=0.5)
         ax.set_xlabel("MJD (TAI)", fontsize=7), ax.set_ylabel("psfFlux (nJy)", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -783,15 +790,19 @@ def build(out, *, calexps: dict, cutouts: dict, dia_scored=None, dia_associated=
     if assoc_src is not None and len(assoc_src):
         gal_src = assoc_src
     parts.append("<h2 id='gallery'>Best candidates</h2>" + gallery(gal_src, cutouts, n_cutouts, sink))
-    truth = tf = None
+    truth = tf = tmpl = None
     if truth_fluxes and ts is not None and assoc_src is not None and len(assoc_src):
+        from .completeness import template_truth_flux
+
         tf = pd.read_parquet(truth_fluxes)
         tid = asc.match_truth(assoc_src, tf, ts)
         m = pd.DataFrame({"obj": assoc_src["diaObjectId"].to_numpy(), "truth": tid})
         m = m[m["truth"] >= 0]
         truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0]) if len(m) else None
+        if len(lc):
+            tmpl = template_truth_flux(tf, ts, sorted(set(tf["visit"].unique()) - set(lc["visit"].unique())))
     parts.append("<h2 id='lightcurves'>Light curves of the top diaObjects</h2>"
-                 + lightcurve_figures(objs, lc, truth, tf, n_lightcurves, sink))
+                 + lightcurve_figures(objs, lc, truth, tf, n_lightcurves, sink, tmpl))
     parts.append(f"<p><small>Report built in {time.perf_counter() - t0:.1f} s.</small></p></body></html>")
     text = "\n".join(parts)
     write_text(text, out)
