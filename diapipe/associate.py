@@ -463,8 +463,9 @@ def lightcurve_chi2(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_flux
     return {"n_objects": int(lc["diaObjectId"].nunique()), "n_points": int(len(lc)),
             "chi2_dof": float((z ** 2).mean()) if len(lc) else float("nan"),
             "z_median": float(z.median()) if len(lc) else float("nan"),
-            "frac_flux_bias_median": float(np.median((lc["psfFlux"] - lc["flux_nJy"])
-                                                     / np.maximum(lc["flux_nJy"].abs(), 1e-9)
+            # over points with a positive true flux (a NaN-free selection: the old index-aligned
+            # division left NaN rows in and made this NaN)
+            "frac_flux_bias_median": float(np.median(((lc["psfFlux"] - lc["flux_nJy"]) / lc["flux_nJy"])
                                                      [lc["flux_nJy"] > 0])) if (lc["flux_nJy"] > 0).any()
             else float("nan")}
 
