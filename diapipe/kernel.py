@@ -147,7 +147,7 @@ def find_peaks(image, sigma, bad, nsigma: float, border: int, return_smoothed: b
     threshold are examined.
     """
     img = np.where(bad, 0.0, image).astype(np.float32)
-    sm = ndimage.uniform_filter(img, 3)
+    sm = _box3_mean(img)
     thr = nsigma * sigma / 3.0  # noise of a 3x3 mean is sigma/3
     ys, xs = np.nonzero(sm > thr if np.ndim(thr) == 0 else sm > thr)
     ny, nx = img.shape
@@ -167,6 +167,18 @@ def find_peaks(image, sigma, bad, nsigma: float, border: int, return_smoothed: b
             is_max &= (v > nb) | ((v == nb) & ((dy > 0) | ((dy == 0) & (dx > 0))))
     out = xs[is_max], ys[is_max], img[ys[is_max], xs[is_max]]
     return (*out, sm) if return_smoothed else out
+
+
+def _box3_mean(img: np.ndarray) -> np.ndarray:
+    """3 x 3 box mean with mirrored edges (ndimage.uniform_filter(img, 3), mode 'reflect'), in float32.
+
+    Slice sums: at 4096^2 uniform_filter (double accumulators) took 0.45 s per image.
+    """
+    p = np.pad(img, 1, mode="symmetric")
+    rows = p[:-2] + p[1:-1] + p[2:]
+    out = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
+    out *= np.float32(1.0 / 9.0)
+    return out
 
 
 def _peaks_at(img, x, y):
