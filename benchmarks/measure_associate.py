@@ -68,11 +68,11 @@ def _associate_all(wd: Path, b: Butler, cfg: dict):
     fk = pd.read_parquet(b.get("completeness_fakes"))
     dia = dia[~dia["diaSourceId"].isin(fk.loc[fk["diaSourceId"] >= 0, "diaSourceId"])]
     srcs, objs = asc.associate(dia, cfg["associate"]["match_radius"])
-    # every difference image of the run: the diffexp path pattern with its two fields as wildcards
-    pat = b.get("diffexp", visit=999999991, detector=999999992)
-    rx = re.compile(re.escape(str(pat)).replace("999999991", r"(\d+)").replace("999999992", r"(\d+)") + "$")
-    ids = sorted({(int(m.group(1)), int(m.group(2))) for p in Path(wd).rglob("*.fits")
-                  if (m := rx.search(str(p)))})
+    # every difference image of the run: the Butler's diffexp template, globbed and parsed back
+    pat = b.template("diffexp")
+    rx = re.compile(re.escape(pat).replace(r"\{visit\}", r"(?P<visit>\d+)").replace(r"\{detector\}", r"(?P<detector>\d+)"))
+    ids = sorted((int(m["visit"]), int(m["detector"])) for p in wd.glob(pat.format(visit="*", detector="*"))
+                 if (m := rx.fullmatch(p.relative_to(wd).as_posix())))
     tmp = Path(tempfile.mkdtemp(prefix="measure_associate_"))
     srcs.to_parquet(tmp / "sources.parquet")
     objs.to_parquet(tmp / "objects.parquet")

@@ -410,6 +410,26 @@ def association_metrics(sources: pd.DataFrame, truth_fluxes, truth_sources, radi
     }
 
 
+def object_truth(sources: pd.DataFrame, truth_fluxes, truth_sources, radius_px: float = 2.0,
+                 kinds=TRANSIENT_KINDS) -> pd.Series:
+    """diaObjectId -> the true source most of its diaSources match (objects with no match left out)."""
+    tid = match_truth(sources, truth_fluxes, truth_sources, radius_px, kinds=kinds)
+    m = pd.DataFrame({"truth": tid, "obj": sources["diaObjectId"].to_numpy()})
+    m = m[m["truth"] >= 0]
+    return m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0])
+
+
+def template_truth_flux_of(lightcurves: pd.DataFrame, truth_fluxes, truth_sources) -> pd.Series:
+    """Template truth flux (nJy) per source_id: the template visits are the truth visits with no forced point.
+
+    (``completeness.template_truth_flux``; completeness takes the same visits: those not differenced.)
+    """
+    from .completeness import template_truth_flux
+
+    visits = sorted(set(truth_fluxes["visit"].unique()) - set(lightcurves["visit"].unique()))
+    return template_truth_flux(truth_fluxes, truth_sources, visits)
+
+
 def truth_matched_points(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth_fluxes, truth_sources,
                          radius_px: float, kinds=("sn",)) -> pd.DataFrame | None:
     """Unflagged forced points of diaObjects tied to a simulated source, with the true flux they should measure.
@@ -425,14 +445,9 @@ def truth_matched_points(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth
     diaSources match; None when no diaSource matches.  ``attrs['n_flagged']``
     counts the forced_flag points (off the edge) that were left out.
     """
-    from .completeness import template_truth_flux
-
-    tid = match_truth(sources, truth_fluxes, truth_sources, radius_px, kinds=kinds)
-    m = pd.DataFrame({"truth": tid, "obj": sources["diaObjectId"].to_numpy()})
-    m = m[m["truth"] >= 0]
-    if len(m) == 0:
+    obj_truth = object_truth(sources, truth_fluxes, truth_sources, radius_px, kinds)
+    if len(obj_truth) == 0:
         return None
-    obj_truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0])
     lc = lightcurves[lightcurves["diaObjectId"].isin(obj_truth.index)].copy()
     edge = lc["edge_flag"].astype(bool)
     n_flagged = int((lc["forced_flag"].astype(bool) & ~edge).sum())
@@ -441,8 +456,7 @@ def truth_matched_points(lightcurves: pd.DataFrame, sources: pd.DataFrame, truth
     tf = truth_fluxes[["source_id", "visit", "detector", "flux_nJy"]].rename(columns={"source_id": "truth"})
     lc = lc.merge(tf, on=["truth", "visit", "detector"], how="left")
     lc["truth_total_nJy"] = lc["flux_nJy"].fillna(0.0)
-    template_visits = sorted(set(truth_fluxes["visit"].unique()) - set(lightcurves["visit"].unique()))
-    tmpl = template_truth_flux(truth_fluxes, truth_sources, template_visits)
+    tmpl = template_truth_flux_of(lightcurves, truth_fluxes, truth_sources)
     lc["flux_nJy"] = lc["truth_total_nJy"] - lc["truth"].map(tmpl).fillna(0.0)
     lc.attrs["n_flagged"] = n_flagged
     return lc

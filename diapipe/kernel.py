@@ -533,8 +533,6 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
     cannot be fitted at this order.  Folds are stamp index modulo ``nfold``
     (deterministic).
     """
-    ny, nx = shape
-    x0, y0, sx, sy = (nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)
     ns = len(sys.x)
     fold = np.arange(ns) % nfold
     chi = np.full(ns, np.nan)
@@ -545,10 +543,10 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
         sol, _ = fit_spatial(_subset(sys, train), basis, cfg, shape, spatial_order, bg_order)
         if sol is None:
             return float("nan")
-        lay = sol.layout
-        tk = poly_design(sys.x[test], sys.y[test], spatial_order, x0, y0, sx, sy)
-        tb = poly_design(sys.x[test], sys.y[test], bg_order, x0, y0, sx, sy)
-        chi[test] = _chi2_of(_subset(sys, test), lay.G(tk, tb) @ sol.theta)
+        geom = (sol.x0, sol.y0, sol.sx, sol.sy)
+        tk = poly_design(sys.x[test], sys.y[test], spatial_order, *geom)
+        tb = poly_design(sys.x[test], sys.y[test], bg_order, *geom)
+        chi[test] = _chi2_of(_subset(sys, test), sol.layout.G(tk, tb) @ sol.theta)
     ok = np.isfinite(chi)
     return float(np.median(chi[ok])) if ok.any() else float("nan")
 

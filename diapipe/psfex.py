@@ -204,13 +204,7 @@ def wiener_denoise(img: np.ndarray, noise_power: float) -> np.ndarray:
     pw = np.abs(f) ** 2
     prad = np.bincount(kr.ravel(), pw.ravel()) / np.maximum(np.bincount(kr.ravel()), 1)
     sig = np.maximum(prad - noise_power, 0.0)
-    if WIENER == "cut":
-        # band limit: keep every frequency below the first where the signal drops under the noise
-        below = np.nonzero(sig < noise_power)[0]
-        kc = below[0] if len(below) else len(sig)
-        filt = (np.arange(len(sig)) < kc).astype(float)[kr]
-    else:
-        filt = (sig / (sig + noise_power))[kr]
+    filt = (sig / (sig + noise_power))[kr]
     filt[0, 0] = 1.0
     return np.fft.fftshift(np.fft.ifft2(f * filt).real)
 

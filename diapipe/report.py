@@ -792,15 +792,11 @@ def build(out, *, calexps: dict, cutouts: dict, dia_scored=None, dia_associated=
     parts.append("<h2 id='gallery'>Best candidates</h2>" + gallery(gal_src, cutouts, n_cutouts, sink))
     truth = tf = tmpl = None
     if truth_fluxes and ts is not None and assoc_src is not None and len(assoc_src):
-        from .completeness import template_truth_flux
-
         tf = pd.read_parquet(truth_fluxes)
-        tid = asc.match_truth(assoc_src, tf, ts)
-        m = pd.DataFrame({"obj": assoc_src["diaObjectId"].to_numpy(), "truth": tid})
-        m = m[m["truth"] >= 0]
-        truth = m.groupby("obj")["truth"].agg(lambda s: s.value_counts().index[0]) if len(m) else None
+        truth = asc.object_truth(assoc_src, tf, ts)
+        truth = truth if len(truth) else None
         if len(lc):
-            tmpl = template_truth_flux(tf, ts, sorted(set(tf["visit"].unique()) - set(lc["visit"].unique())))
+            tmpl = asc.template_truth_flux_of(lc, tf, ts)
     parts.append("<h2 id='lightcurves'>Light curves of the top diaObjects</h2>"
                  + lightcurve_figures(objs, lc, truth, tf, n_lightcurves, sink, tmpl))
     parts.append(f"<p><small>Report built in {time.perf_counter() - t0:.1f} s.</small></p></body></html>")

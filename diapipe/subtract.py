@@ -983,12 +983,14 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
     sysm = kmod.stamp_system(src, tgt, weight, xs, ys, basis, half_stamp,
                              var_src=vsrc if _debias(cfg, direction) else None)
     why = "no stamps"
+
+    def bg_order(order):  # below the requested kernel order the background order drops with it
+        return min(cfg.background_order, order) if order < cfg.spatial_order else cfg.background_order
+
     max_order, cv = cfg.spatial_order, None
     if cfg.spatial_order_cv and cfg.spatial_order > 0:
         # the spatial order the stamps support: lowest held-out chi2 (a lower order within 0.5 % wins)
-        cv = {o: kmod.heldout_chi2(sysm, basis, cfg, shape, o,
-                                   min(cfg.background_order, o) if o < cfg.spatial_order else cfg.background_order)
-              for o in range(cfg.spatial_order + 1)}
+        cv = {o: kmod.heldout_chi2(sysm, basis, cfg, shape, o, bg_order(o)) for o in range(cfg.spatial_order + 1)}
         fin = {o: v for o, v in cv.items() if np.isfinite(v)}
         if fin:
             best = min(fin.values())
@@ -996,8 +998,7 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
             log.info("kernel spatial order by held-out stamp chi2 %s: %d",
                      {o: round(v, 4) for o, v in cv.items()}, max_order)
     for order in range(max_order, -1, -1):
-        bgo = min(cfg.background_order, order) if order < cfg.spatial_order else cfg.background_order
-        sol, why = kmod.fit_spatial(sysm, basis, cfg, shape, order, bgo)
+        sol, why = kmod.fit_spatial(sysm, basis, cfg, shape, order, bg_order(order))
         if sol is not None:
             sol.basis_spec = spec
             sol.cv_chi2 = cv
