@@ -181,7 +181,7 @@ def matched_filter(image, variance, valid, psf_stamp) -> np.ndarray:
     np.maximum(den, floor, out=den)
     np.sqrt(den, out=den)
     np.divide(num, den, out=num)
-    num[none] = 0
+    np.copyto(num, zero, where=none)
     return num.astype(np.float32, copy=False)
 
 
