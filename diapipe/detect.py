@@ -116,6 +116,9 @@ def _kernel_rfft2(kernel, shape):
     """
     ky, kx = kernel.shape
     ny, nx = shape
+    # Far wings of a squared Gaussian PSF underflow to float32 denormals, which make
+    # the matrix product 6x slower; they carry no weight in the filter.
+    kernel = np.where(np.abs(kernel) < 1e-12 * np.abs(kernel).max(), 0, kernel).astype(np.float32)
     rows = np.zeros((ky, nx), np.float32)
     rows[:, :kx] = kernel
     rows = np.roll(rows, -(kx // 2), axis=1)
