@@ -532,25 +532,32 @@ def raw_wcs(header) -> WCS | None:
 _OFF9 = np.arange(-4, 5)
 
 
-def _laplacian_plus(img: np.ndarray) -> np.ndarray:
+def _laplacian_plus(img: np.ndarray, rows: int = 32) -> np.ndarray:
     """L+ of L.A.Cosmic: Laplacian of the 2x block-replicated image, negatives clipped,
     block-averaged back (float32).
 
     On a 2x-replicated image each sub-pixel's Laplacian is 2c - (vertical neighbour)
     - (horizontal neighbour) of the original pixel, so no 4x array is needed.
+    Computed in blocks of ``rows`` rows whose temporaries stay in cache (the
+    whole-image version is memory-bound and 2x slower; same values).
     """
     # Mirror at the edges: a replicated edge pixel would halve a cosmic ray's Laplacian there.
     p = np.pad(img, 1, mode="reflect")
-    c2 = 2 * p[1:-1, 1:-1]
-    out = np.zeros(img.shape, np.float32)
-    t = np.empty(img.shape, np.float32)
-    u = np.empty(img.shape, np.float32)
-    for v in (p[:-2, 1:-1], p[2:, 1:-1]):
-        np.subtract(c2, v, out=t)
-        for h in (p[1:-1, :-2], p[1:-1, 2:]):
-            np.subtract(t, h, out=u)
-            np.maximum(u, 0, out=u)
-            out += u
+    ny, nx = img.shape
+    out = np.empty(img.shape, np.float32)
+    c2, t, u = (np.empty((rows, nx), np.float32) for _ in range(3))
+    for y0 in range(0, ny, rows):
+        y1 = min(ny, y0 + rows)
+        n = y1 - y0
+        o, cc, tt, uu = out[y0:y1], c2[:n], t[:n], u[:n]
+        np.multiply(p[y0 + 1 : y1 + 1, 1:-1], 2, out=cc)
+        o[...] = 0
+        for v in (p[y0:y1, 1:-1], p[y0 + 2 : y1 + 2, 1:-1]):
+            np.subtract(cc, v, out=tt)
+            for h in (p[y0 + 1 : y1 + 1, :-2], p[y0 + 1 : y1 + 1, 2:]):
+                np.subtract(tt, h, out=uu)
+                np.maximum(uu, 0, out=uu)
+                o += uu
     out *= 0.25
     return out
 
