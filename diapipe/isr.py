@@ -479,15 +479,23 @@ def _signal_for_variance(image: np.ndarray, read_var: np.ndarray) -> np.ndarray:
     peaked profile, and the bias of the own value is negligible: own value.
     """
     p = np.pad(image, 1, mode="edge")
-    rows = p[:-2] + p[1:-1] + p[2:]
-    smooth = rows[:, :-2] + rows[:, 1:-1]
-    smooth += rows[:, 2:]
-    smooth *= np.float32(1.0 / 9.0)
-    del p, rows
     bkg = _coarse_background(image, low=False)
-    source = smooth - bkg > np.sqrt(np.maximum(bkg, 0) + read_var)
-    np.maximum(smooth, 0, out=smooth)
-    return np.where(source, np.maximum(image, 0), smooth)
+    ny, nx = image.shape
+    out = np.empty(image.shape, np.float32)
+    step = 32  # row blocks: the temporaries stay in cache
+    for y0 in range(0, ny, step):
+        y1 = min(ny, y0 + step)
+        rows = p[y0:y1] + p[y0 + 1 : y1 + 1]
+        rows += p[y0 + 2 : y1 + 2]
+        smooth = rows[:, :-2] + rows[:, 1:-1]
+        smooth += rows[:, 2:]
+        smooth *= np.float32(1.0 / 9.0)
+        b = bkg[y0:y1]
+        rv = read_var[y0:y1] if np.ndim(read_var) else read_var
+        source = smooth - b > np.sqrt(np.maximum(b, 0) + rv)
+        np.maximum(smooth, 0, out=smooth)
+        out[y0:y1] = np.where(source, np.maximum(image[y0:y1], 0), smooth)
+    return out
 
 
 def _metadata(raw: RawFrame, asm: Assembled, darktime: float) -> dict:
