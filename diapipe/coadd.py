@@ -384,13 +384,15 @@ def visit_weights(warps: list[Exposure], weighting: str = "variance") -> np.ndar
 def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject: bool = True, nsigma: float = 5.0,
                    nsigma_low: float = 2.5, ampfrac: float = 0.5, matched_ampfrac: float = 0.2,
                    grow: int | None = None, psf_order: int = 1,
-                   psf_grid: int = 5, mask_threshold: float = 0.5, data_id: dict | None = None,
+                   psf_grid: int = 5, mask_threshold: float = 0.5, sat_threshold: float = 0.1,
+                   data_id: dict | None = None,
                    rejected: list | None = None) -> Exposure:
     """Weighted-mean coadd of warps on one patch, with artefact rejection and its PSF.
 
     Returns an Exposure in nJy (MAGZERO 31.4) with variance, mask (NO_DATA
-    where nothing contributes; BAD/SAT/... where more than ``mask_threshold``
-    of the covering inputs, by weight, had them), a PixelPsf, and the inputs
+    where nothing contributes; BAD/CR/... where more than ``mask_threshold``
+    of the covering inputs, by weight, had them; SAT already above
+    ``sat_threshold``, as LSST's maskPropagationThresholds), a PixelPsf, and the inputs
     listed in the metadata (INPUT<k> = visit, WEIGHT<k>), and an extra image
     HDU NIMAGE with the number of visits used per pixel.
     """
@@ -440,7 +442,10 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     variance[lost] = np.inf
     for p in CARRY_PLANES:
         frac = np.where(cover > 0, plane_w[p] / np.where(cover > 0, cover, 1), 0)
-        masks.set_plane(mask, (frac > mask_threshold) | (lost & (plane_w[p] > 0)), p)
+        # A core saturated in the sharpest visits is averaged from the others only, while its
+        # wings take every visit: no PSF describes that star, so flag it early.
+        thr = sat_threshold if p == "SAT" else mask_threshold
+        masks.set_plane(mask, (frac > thr) | (lost & (plane_w[p] > 0)), p)
     masks.set_plane(mask, lost, "SUSPECT")
     variance[~np.isfinite(variance)] = 0.0  # on disk: 0 with SUSPECT/NO_DATA set means "no estimate"
     wcs = warps[0].wcs

@@ -169,6 +169,30 @@ def test_coadd_header_lists_inputs_and_psf_weighting(survey):
     assert cp.metadata["PSFFWHM"] < m["PSFFWHM"]
 
 
+def test_star_saturated_in_the_sharpest_visit_is_sat_in_the_coadd(survey):
+    """A core saturated in one visit of six (~1/6 of the weight) is averaged from the other
+    five while its wings take all six: no PSF fits that star, so the coadd flags it SAT
+    (sat_threshold 0.1, as LSST's maskPropagationThresholds); BAD at the same fraction is not."""
+    warps = [w.copy() for w in survey["clean_warps"][0]]
+    sharp = int(np.argmin([w.metadata["PSFFWHM"] if "PSFFWHM" in w.metadata else np.inf for w in warps]))
+    core = (slice(118, 121), slice(118, 121))
+    bad = (slice(60, 63), slice(60, 63))
+    sat_mask = np.zeros(warps[0].shape, bool)
+    sat_mask[core] = True
+    bad_mask = np.zeros(warps[0].shape, bool)
+    bad_mask[bad] = True
+    masks.set_plane(warps[sharp].mask, sat_mask, "SAT")
+    masks.set_plane(warps[sharp].mask, bad_mask, "BAD")
+    frac = assemble_coadd(warps, reject=False).metadata[f"WEIGHT{sharp}"]
+    assert 0.1 < frac < 0.5
+    co = assemble_coadd(warps, reject=False)
+    assert masks.is_set(co.mask[core], "SAT").all()
+    assert not masks.is_set(co.mask[bad], "BAD").any()
+    assert masks.is_set(co.mask, "SAT").sum() == 9
+    old = assemble_coadd(warps, reject=False, sat_threshold=0.5)
+    assert not masks.is_set(old.mask, "SAT").any()
+
+
 def test_selection_modes_and_empty_selection():
     cands = [{"visit": v, "band": "r", "mjd": 60000.0 + v, "seeing": s} for v, s in enumerate([1.0, 0.7, 0.9, 0.6, 1.2])]
     assert select_visits(cands, "list", visits=[0, 4]) == [0, 4]

@@ -32,6 +32,7 @@ try:
         psf_order=c["psf_order"],
         psf_grid=c["psf_grid"],
         mask_threshold=c["mask_threshold"],
+        sat_threshold=c["sat_threshold"],
     )
     log.info("coadd of visits %s, seeing %.3f arcsec", co.metadata["VISITS"], co.metadata.get("SEEING", float("nan")))
 except DiapipeError as err:
