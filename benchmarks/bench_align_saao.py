@@ -6,7 +6,7 @@ Prints per-frame alignment residuals (RMS on matched, clean, bright stars
 after the order-2 polynomial fit, and on the brighter half of them), the summary
 (median / 90th percentile / fraction under 0.1 px), the rejected frames with their
 reason, the wall time, and the template's seeing (half-maximum FWHM of its stars,
-px and arcsec at the nominal 0.31"/px) and rejected fraction.  ~12 min on 2 busy cores.
+px and arcsec at the nominal 0.31"/px) and rejected fraction.  ~4 min on one idle core.
 """
 
 import argparse

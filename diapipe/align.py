@@ -338,10 +338,11 @@ def fit_alignment(ref: Stars, frm: Stars, order: int = 2, match_radius: float = 
         dd, jj = ftree.query(np.column_stack([tx, ty]), distance_upper_bound=radius)
         m = np.isfinite(dd)
         ri, fj = np.nonzero(m)[0], jj[m]
-        # the fit (and its RMS) uses bright stars that are clean in both frames, if there are enough
-        for snr_min in (100, 50):
+        # the fit (and its RMS) uses bright stars that are clean in both frames, if there are enough;
+        # at worst 12 of them (2 per coefficient of an order-2 fit) beat every pair with its blends
+        for snr_min, n_min in ((100, 15), (50, 15), (50, 12)):
             sel = ref.clean[ri] & frm.clean[fj] & (ref.snr[ri] > snr_min) & (frm.snr[fj] > snr_min)
-            if sel.sum() >= 15:
+            if sel.sum() >= n_min:
                 ri, fj = ri[sel], fj[sel]
                 break
         cx, cy, o, use, rx, ry = _fit_poly(ref, frm, ri, fj, order, x0, y0, sc)
@@ -465,10 +466,18 @@ def align_series(paths, reference=None, order: int = 2, gain=None, read_noise=No
     if reference is None:
         reference = min(stars, key=lambda q: stars[q].fwhm)
     ref_exp, ref_st = frames[reference], stars[reference]
+    ref_at = {}  # reference stars re-measured at each pair seeing (0.1 px steps)
     aligned = []
     for p, e in frames.items():
         try:
-            al = fit_alignment(ref_st, stars[p], order=order, match_radius=match_radius, shape=ref_exp.shape)
+            # Centroids of both frames at the pair's common seeing (the worse of the two, +5%):
+            # blend biases still cancel, and a good frame is not blurred to the worst frame's 9 px,
+            # which doubles the centroid noise of faint stars on a bright sky.
+            target = float(np.ceil(10 * 1.05 * max(ref_st.fwhm, stars[p].fwhm)) / 10)
+            if target not in ref_at:
+                ref_at[target] = detect_stars(ref_exp, common_fwhm=target)
+            al = fit_alignment(ref_at[target], detect_stars(e, common_fwhm=target), order=order,
+                               match_radius=match_radius, shape=ref_exp.shape)
         except DiapipeError as exc:
             log.error("%s: %s", p, exc)
             rows.append({"frame": Path(p).name, "error": str(exc)})
