@@ -5,7 +5,9 @@
 For every diffexp of the run, against the simulation truth:
 
 * ``blank``: std of diff / sqrt(variance) over blank sky: pixels without a
-  BAD/SAT/CR/EDGE/NO_DATA/SUSPECT/INJECTED bit and farther than r from every
+  BAD/SAT/CR/EDGE/NO_DATA/SUSPECT/INJECTED bit, off the visit's simulated
+  satellite trail (``trail_px`` pixels within 6 sigma of it, which the
+  difference rightly keeps: it is light in the science image), and farther than r from every
   true source of the exposure (r = 2 FWHM + 3 reff for galaxies, growing with
   log10 of the flux for bright sources), plus its robust (IQR) version;
 * ``stars``: the same pooled over 15 x 15 boxes centred on the 50 brightest
@@ -82,12 +84,27 @@ def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15):
     return (np.concatenate(vals) if vals else np.array([np.nan])), len(vals)
 
 
-def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None) -> dict:
+def near_trail(shape, plan, visit, det) -> np.ndarray:
+    """Pixels within 6 sigma of the visit's simulated satellite trail (none if it has no trail)."""
+    from diapipe.simulate import satellite_line
+
+    line = satellite_line(plan, visit, det) if plan is not None else None
+    if line is None:
+        return np.zeros(shape, bool)
+    x0, y0, nxv, nyv, sigma = line
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return np.abs((xx - x0) * nxv + (yy - y0) * nyv) < 6 * sigma
+
+
+def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=None) -> dict:
     d = Exposure.read(diff_path)
     m = d.metadata
     visit, det = int(m.get("visit", -1)), int(m.get("detector", -1))
     z = (d.image / np.sqrt(d.variance)).astype(float)
     good = ~masks.is_set(d.mask, *EXCLUDE) & np.isfinite(z) & (d.variance > 0)
+    # a satellite trail is light in the science image, which the difference must keep: not noise
+    trail = near_trail(d.shape, plan, visit, det)
+    good &= ~trail
     t = truth[(truth["visit"] == visit) & (truth["detector"] == det)]
     fwhm = 2.3548 * float(m.get("PSFSIGS", 1.5))
     blank = good & ~near_sources(d.shape, t, fwhm)
@@ -112,7 +129,7 @@ def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None) -> dic
            "blank_iqr": _iqr_std(z[blank]), "blank_frac": float(blank.mean()), "mf_blank": float(np.std(nu[mf])),
            "mf_robust": float(mf_all),
            "stars": float(np.std(zs)),
-           "nbox": nbox, "DIFFRMS": m.get("DIFFRMS"), "SVARSCAL": m.get("SVARSCAL", np.nan),
+           "nbox": nbox, "trail_px": int(trail.sum()), "DIFFRMS": m.get("DIFFRMS"), "SVARSCAL": m.get("SVARSCAL", np.nan),
            "TVARSCAL": m.get("TVARSCAL", np.nan), "TNOISCOR": m.get("TNOISCOR", np.nan),
            "TNRESAMP": m.get("TNRESAMP", np.nan)}
     if dia is not None:
@@ -151,7 +168,10 @@ def main(argv=None) -> int:
     root = Path(a.diff_dir) if a.diff_dir else None
     paths = sorted((root or (wd / "results" / "diff")).glob("*/*.fits"))
     paths = [p for p in paths if p.stem.isdigit() and (not a.visits or int(p.parent.name) in a.visits)]
-    rows = [measure_one(p, tf, dia) for p in paths]
+    from diapipe.simulate import plan_survey
+
+    plan = plan_survey(cfg)
+    rows = [measure_one(p, tf, dia, plan) for p in paths]
     if not rows:
         print("no diffexps found", file=sys.stderr)
         return 1
