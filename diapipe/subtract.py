@@ -966,19 +966,28 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
     sat_s, sat_t = meta_s.get("SATURATE"), meta_t.get("SATURATE")
     if sat_s and sat_t:
         saturation = (float(sat_s), float(sat_t)) if direction == "template" else (float(sat_t), float(sat_s))
-    xs, ys, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, cfg, saturation)
+    # Pixels the stamp fit ignores: masked pixels of the image matched to (tgt), and every pixel
+    # within the kernel's reach of a masked pixel of the convolved image (src), which the
+    # convolution smears.  Stamps may then hold a hot pixel or a cosmic ray away from their star.
+    bad_sci = masks.is_set(science.mask, *masks.BAD_PLANES) | ~np.isfinite(science.image)
+    bad_tpl = masks.is_set(template.mask, *masks.BAD_PLANES) | ~np.isfinite(template.image)
+    bad_src, bad_tgt = (bad_tpl, bad_sci) if direction == "template" else (bad_sci, bad_tpl)
+    zero_weight = bad_tgt | bad | ndimage.maximum_filter(bad_src, size=2 * spec.half + 1, mode="constant")
+    xs, ys, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, cfg, saturation,
+                                   zero_weight=zero_weight)
     if len(xs) < 2 * cfg.min_stamps and cfg.stamp_min_snr > 10.0:
         # small or sparse field: accept fainter stars before giving up spatial order
         from copy import copy
 
         low = copy(cfg)
         low.stamp_min_snr = 10.0
-        xs2, ys2, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, low, saturation)
+        xs2, ys2, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, low, saturation,
+                                         zero_weight=zero_weight)
         if len(xs2) > len(xs):
             log.info("%d stamp candidates at S/N >= %g; %d at S/N >= 10", len(xs), cfg.stamp_min_snr, len(xs2))
             xs, ys = xs2, ys2
     weight = np.zeros(shape, np.float32)
-    okv = (vsrc + vtgt) > 0
+    okv = ((vsrc + vtgt) > 0) & ~zero_weight
     weight[okv] = 1.0 / (vsrc[okv] + vtgt[okv])
     sysm = kmod.stamp_system(src, tgt, weight, xs, ys, basis, half_stamp,
                              var_src=vsrc if _debias(cfg, direction) else None)

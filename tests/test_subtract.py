@@ -203,6 +203,34 @@ def test_too_few_stars_falls_back_and_says_so():
     assert d.metadata["KFALLBK"].startswith("order") and d.metadata["KORDER"] < 2
 
 
+def test_hot_pixels_do_not_cost_the_stamps():
+    """0.2% hot pixels (the simulated survey's rate) in the science mask: nearly every stamp window
+    holds one.  They get zero weight instead of rejecting their stamp; one on a star's core does."""
+    s, t, truth = make_pair(512, 1.5, seed=21, n_fakes=6)
+    ref = subtract(s, t, {"spatial_order": 1})
+    rng = np.random.default_rng(5)
+    hot = np.zeros(s.shape, bool)
+    hot.flat[rng.choice(hot.size, int(0.002 * hot.size), replace=False)] = True
+    sh = s.copy()
+    masks.set_plane(sh.mask, hot, "BAD")
+    sh.image[hot] += 5000.0  # a hot pixel's value is garbage
+    d = subtract(sh, t, {"spatial_order": 1})
+    assert d.metadata["NSTAMP"] >= 0.8 * ref.metadata["NSTAMP"]
+    _, stars, _ = residual_stats(d, truth)
+    _, stars_ref, _ = residual_stats(ref, truth)
+    assert abs(stars - 1) < 0.03 and abs(stars - stars_ref) < 0.02
+    assert d.metadata["FLUXRAT"] == pytest.approx(ref.metadata["FLUXRAT"], rel=0.003)
+    # the old rule (any masked pixel in the kernel-extended window rejects the stamp) kept few
+    from diapipe.subtract import SubtractConfig
+
+    cfg = SubtractConfig()
+    src, tgt = t.image.astype(np.float32), sh.image.astype(np.float32)
+    v = np.ones(s.shape, np.float32)
+    old_x, _, _ = kmod.select_stamps(src, tgt, v, v, hot, 12, 8, cfg)
+    new_x, _, _ = kmod.select_stamps(src, tgt, v, v, hot, 12, 8, cfg, zero_weight=hot)
+    assert len(new_x) > 1.5 * len(old_x)
+
+
 def test_all_nan_region_is_no_data_not_garbage(pair):
     s, t, truth = pair
     t = t.copy()
