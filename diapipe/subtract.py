@@ -55,6 +55,14 @@ Conventions
   ``sharper_science: preconvolve``, it is first convolved with its own PSF
   and the template matched to that (PRECONV=T, ip_diffim's way).
 
+Stamps: isolated stars found in both images, unsaturated, spread over the
+detector.  A masked pixel in a stamp does not reject it: masked pixels of the
+image matched to, and pixels within the kernel's reach of a masked pixel of
+the convolved image, get zero weight; a stamp goes only when its star's core
+or more than a tenth of it is left without weight.  (Rejecting every stamp
+with a masked pixel lost the brightest stars: at 0.2 % hot pixels nearly
+every kernel-extended window holds one.)
+
 Spatial order: ``spatial_order`` is the most the kernel may vary; with
 ``spatial_order_cv`` (default) the order used (KORDER) is the one whose
 kernel best predicts stamps left out of its fit (5-fold over the stamps,
