@@ -645,7 +645,12 @@ def small_kernel_rfft2(kernel: np.ndarray, L) -> np.ndarray:
     The kernel has only k << L non-zero rows: a real FFT of those rows, then an
     explicit DFT along y as one (ly x k) @ (k x lx/2+1) matrix product, costs a
     fraction of a full-size 2-D FFT (0.05 s instead of 0.35 s CPU on a 4k grid).
+    Values below 1e-12 of the peak are set to zero: the far wings of a squared
+    Gaussian (detection's and ZOGY's variance kernels) underflow to float32
+    denormals, which make the matrix product 6x slower, and weigh nothing.
     """
+    kernel = np.asarray(kernel)
+    kernel = np.where(np.abs(kernel) < 1e-12 * np.abs(kernel).max(), 0, kernel).astype(np.float32)
     k = kernel.shape[0]
     h = k // 2
     ly, lx = L
