@@ -698,8 +698,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
             f"both (need {100 * cfg.min_overlap_fraction:.0f}%)", template_path, data_id)
     sci[nodata_s], tpl[nodata_t] = 0.0, 0.0
     vs[nodata_s], vt[nodata_t] = 0.0, 0.0
-    bad = (masks.is_set(science.mask, *bad_planes) | masks.is_set(template.mask, *bad_planes)
-           | nodata_s | nodata_t)
+    bad_s = masks.is_set(science.mask, *bad_planes) | nodata_s
+    bad_t = masks.is_set(template.mask, *bad_planes) | nodata_t
+    bad = bad_s | bad_t
     # each input's blank-sky noise against its variance plane: rescale the plane (ScaleVariance)
     # and keep the autocorrelation (a resampled template's noise is correlated) for the propagation
     rho_s = rho_t = None
@@ -777,8 +778,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
     basis, spec = kmod.make_basis(sig_src, sig_tgt, cfg)
     half_k = spec.half
     half_stamp = max(half_k + 2, int(np.ceil(cfg.stamp_half_size_sigma * max(sig_src, sig_tgt))))
-    sol = _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src, psf_tgt,
-                      meta_s, meta_t, direction, data_id, science, template)
+    sol = _fit_kernel(src, tgt, vsrc, vtgt, bad, bad_t if direction == "template" else bad_s, basis, spec,
+                      half_stamp, cfg, psf_src, psf_tgt, meta_s, meta_t, direction, data_id)
     if cfg.empirical_noise:
         # the measured variance scales enter the noise propagation, not the stamp selection and weights
         # (a few per cent must not move a marginal star across the S/N or clipping thresholds)
@@ -974,9 +975,12 @@ def _debias(cfg, direction) -> bool:
     return cfg.debias_noise == "on" or (cfg.debias_noise == "auto" and direction == "science")
 
 
-def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src, psf_tgt, meta_s, meta_t,
-                direction, data_id, science, template):
-    """Stamp fit with fallbacks: requested spatial order, lower orders, then the PSF models."""
+def _fit_kernel(src, tgt, vsrc, vtgt, bad, bad_src, basis, spec, half_stamp, cfg, psf_src, psf_tgt, meta_s, meta_t,
+                direction, data_id):
+    """Stamp fit with fallbacks: requested spatial order, lower orders, then the PSF models.
+
+    ``bad``: masked or no-data pixels of either image; ``bad_src``: those of the convolved one.
+    """
     shape = src.shape
     saturation = None
     sat_s, sat_t = meta_s.get("SATURATE"), meta_t.get("SATURATE")
@@ -985,10 +989,7 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, basis, spec, half_stamp, cfg, psf_src
     # Pixels the stamp fit ignores: masked pixels of the image matched to (tgt), and every pixel
     # within the kernel's reach of a masked pixel of the convolved image (src), which the
     # convolution smears.  Stamps may then hold a hot pixel or a cosmic ray away from their star.
-    bad_sci = masks.is_set(science.mask, *masks.BAD_PLANES) | ~np.isfinite(science.image)
-    bad_tpl = masks.is_set(template.mask, *masks.BAD_PLANES) | ~np.isfinite(template.image)
-    bad_src, bad_tgt = (bad_tpl, bad_sci) if direction == "template" else (bad_sci, bad_tpl)
-    zero_weight = bad_tgt | bad | ndimage.maximum_filter(bad_src, size=2 * spec.half + 1, mode="constant")
+    zero_weight = bad | _grow(bad_src, spec.half)
     xs, ys, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, cfg, saturation,
                                    zero_weight=zero_weight)
     if len(xs) < 2 * cfg.min_stamps and cfg.stamp_min_snr > 10.0:
