@@ -73,21 +73,24 @@ def main():
 
 
 def measure_only(args):
-    from diapipe.align import detect_stars, fit_alignment, read_frame
+    from diapipe.align import find_stars, fit_alignment, measure_stars, pair_seeing, read_frame
     from diapipe.fileio import DiapipeError
 
     paths = sorted(glob.glob(DATA))
     a, b = (int(v) for v in args.measure_only.split(":"))
     ref = read_frame(next(p for p in paths if p.endswith(args.reference)), 1.9, 5.0)
-    rs = detect_stars(ref)
+    rf = find_stars(ref)
     with open(args.json or "/dev/stdout", "a") as out:
         for p in paths[a:b]:
             r = {"frame": p.split("/")[-1]}
             try:
                 e = read_frame(p, 1.9, 5.0)
-                s = detect_stars(e)
-                r.update(fwhm_px=s.fwhm, nstars=len(s.x), sky=e.metadata["SKYLEVEL"], exptime=e.metadata["EXPTIME"])
-                al = fit_alignment(rs, s, order=2, shape=ref.shape)
+                f = find_stars(e)
+                # as align_series: both frames' centroids at the pair's seeing
+                target = pair_seeing(rf.fwhm, f.fwhm)
+                s = measure_stars(f, target)
+                r.update(fwhm_px=f.fwhm, nstars=len(s.x), sky=e.metadata["SKYLEVEL"], exptime=e.metadata["EXPTIME"])
+                al = fit_alignment(measure_stars(rf, target), s, order=2, shape=ref.shape)
                 r.update(n_matched=al.n_matched, rms_px=al.rms, rms_bright_px=al.rms_bright, order=al.order,
                          flux_ratio=al.flux_ratio,
                          rot_deg=float(np.degrees(np.arctan2(al.similarity[1, 0], al.similarity[0, 0]))))

@@ -110,13 +110,22 @@ class Stars:
     snr: np.ndarray = None
 
 
-def detect_stars(exp: Exposure, nmax: int = 400, thresh: float = 5.0, common_fwhm: float = 9.0) -> Stars:
-    """Brightest ``nmax`` unsaturated stars: windowed centroids (px), aperture fluxes (e-), seeing.
+@dataclass
+class Found:
+    """Stars found on a frame (``find_stars``), before their centroids are measured at some seeing."""
 
-    Sorted by flux.  In a crowded field most objects are deblended; ``clean``
-    marks those without a significant neighbour, whose centroids do not move
-    with the seeing.
-    """
+    img: np.ndarray  # float64 image
+    err: np.ndarray  # per-pixel sigma
+    bad: np.ndarray
+    obj: np.ndarray  # sep objects kept as candidates, brightest first
+    all_xy: np.ndarray  # every detection (for the isolation test)
+    all_flux: np.ndarray
+    sig: float  # rough Gaussian sigma of the brightest (px), bounds the centroid's move
+    fwhm: float  # median FWHM (px) of the bright unsaturated stars
+
+
+def find_stars(exp: Exposure, nmax: int = 400, thresh: float = 5.0) -> Found:
+    """sep detection of the brightest ``nmax`` unsaturated stars and the frame's seeing."""
     img = np.ascontiguousarray(exp.image, dtype=np.float64)
     err = np.sqrt(np.ascontiguousarray(exp.variance, dtype=np.float64))
     bad = masks.is_set(exp.mask, *masks.BAD_PLANES)
@@ -139,21 +148,49 @@ def detect_stars(exp: Exposure, nmax: int = 400, thresh: float = 5.0, common_fwh
     fwhm0 = 2.0 * np.sqrt(np.log(2) * (obj["a"] ** 2 + obj["b"] ** 2))
     sig = float(np.clip(np.median(fwhm0[: min(30, len(fwhm0))]) / 2.355, 0.8, 10))
     fwhm = seeing_fwhm(img, obj["x"][:40], obj["y"][:40])
-    # Centroids on the image degraded to a common seeing (``common_fwhm`` px): blends then bias a
-    # star's centroid the same way in every frame, so the bias cancels in the alignment.
+    return Found(img, err, bad, obj, all_xy, all_flux, sig, fwhm)
+
+
+def measure_stars(f: Found, common_fwhm: float = 9.0) -> Stars:
+    """Windowed centroids (px), aperture fluxes (e-) and ``clean`` flags of found stars, sorted by flux.
+
+    Centroids are measured on the image degraded to a common seeing
+    (``common_fwhm`` px, at least 1.05x the frame's): blends then bias a
+    star's centroid the same way in two frames measured at the same seeing,
+    so the bias cancels in their alignment.  ``clean`` marks stars without a
+    significant neighbour, whose centroids do not move with the seeing.
+    """
+    obj, fwhm, bad = f.obj, f.fwhm, f.bad
     target = max(common_fwhm, fwhm * 1.05)
-    sm = _smooth_to(img, fwhm, target)
+    sm = _smooth_to(f.img, fwhm, target)
     sig_t = target / 2.355
-    x, y, f = sep.winpos(sm, obj["x"], obj["y"], np.full(len(obj), sig_t), mask=bad)
-    good = (f == 0) & np.isfinite(x) & np.isfinite(y) & (np.hypot(x - obj["x"], y - obj["y"]) < 2 * sig)
+    x, y, fl = sep.winpos(sm, obj["x"], obj["y"], np.full(len(obj), sig_t), mask=bad)
+    good = (fl == 0) & np.isfinite(x) & np.isfinite(y) & (np.hypot(x - obj["x"], y - obj["y"]) < 2 * f.sig)
     x, y = x[good], y[good]
-    flux, ferr, _ = sep.sum_circle(img, x, y, 1.5 * fwhm, err=err, mask=bad)
+    flux, ferr, _ = sep.sum_circle(f.img, x, y, 1.5 * fwhm, err=f.err, mask=bad)
     # clean: no detected neighbour within 2.5 FWHM carrying more than 10% of the star's flux
-    d, nb = cKDTree(all_xy).query(np.column_stack([x, y]), k=12, distance_upper_bound=2.5 * fwhm)
+    d, nb = cKDTree(f.all_xy).query(np.column_stack([x, y]), k=12, distance_upper_bound=2.5 * fwhm)
     has = np.isfinite(d) & (d > 1.0)  # d <= 1 px is the star itself
-    nflux = np.where(has, np.append(all_flux, 0.0)[np.minimum(nb, len(all_flux))], 0.0)
+    nflux = np.where(has, np.append(f.all_flux, 0.0)[np.minimum(nb, len(f.all_flux))], 0.0)
     clean = ~np.any(nflux > 0.1 * flux[:, None], axis=1)
     return Stars(x, y, flux, fwhm, clean, flux / np.maximum(ferr, 1e-9))
+
+
+def detect_stars(exp: Exposure, nmax: int = 400, thresh: float = 5.0, common_fwhm: float = 9.0) -> Stars:
+    """Brightest ``nmax`` unsaturated stars: windowed centroids (px), aperture fluxes (e-), seeing.
+
+    ``find_stars`` then ``measure_stars`` at ``common_fwhm``.
+    """
+    return measure_stars(find_stars(exp, nmax, thresh), common_fwhm)
+
+
+def pair_seeing(fwhm_ref: float, fwhm_frame: float) -> float:
+    """Common seeing (px) for a pair's centroids: 1.05x the worse FWHM, rounded up to 0.1 px.
+
+    Not the series' worst (~9 px): smoothing a good frame that far doubles the
+    centroid noise of faint stars and loses crowded ones to winpos.
+    """
+    return float(np.ceil(10 * 1.05 * max(fwhm_ref, fwhm_frame)) / 10)
 
 
 def seeing_fwhm(img, x, y, r: int = 10) -> float:
@@ -450,33 +487,31 @@ def align_series(paths, reference=None, order: int = 2, gain=None, read_noise=No
     rms_px, fwhm_px, flux_ratio), skipping frames that fail with their error
     logged (one DiapipeError per frame; the rest carry on).
     """
-    frames, stars = {}, {}
+    frames, found = {}, {}
     rows = []
     for p in paths:
         try:
             e = read_frame(p, gain, read_noise, saturation)
-            s = detect_stars(e)
+            f = find_stars(e)
         except DiapipeError as exc:
             log.error("%s", exc)
             rows.append({"frame": Path(p).name, "error": str(exc)})
             continue
-        frames[p], stars[p] = e, s
+        frames[p], found[p] = e, f
     if not frames:
         raise DiapipeError("no frame could be read and measured")
     if reference is None:
-        reference = min(stars, key=lambda q: stars[q].fwhm)
-    ref_exp, ref_st = frames[reference], stars[reference]
-    ref_at = {}  # reference stars re-measured at each pair seeing (0.1 px steps)
+        reference = min(found, key=lambda q: found[q].fwhm)
+    ref_exp, ref_found = frames[reference], found[reference]
+    ref_at = {}  # reference stars measured at each pair seeing (0.1 px steps)
     aligned = []
     for p, e in frames.items():
         try:
-            # Centroids of both frames at the pair's common seeing (the worse of the two, +5%):
-            # blend biases still cancel, and a good frame is not blurred to the worst frame's 9 px,
-            # which doubles the centroid noise of faint stars on a bright sky.
-            target = float(np.ceil(10 * 1.05 * max(ref_st.fwhm, stars[p].fwhm)) / 10)
+            # both frames' centroids at the pair's common seeing: blend biases cancel
+            target = pair_seeing(ref_found.fwhm, found[p].fwhm)
             if target not in ref_at:
-                ref_at[target] = detect_stars(ref_exp, common_fwhm=target)
-            al = fit_alignment(ref_at[target], detect_stars(e, common_fwhm=target), order=order,
+                ref_at[target] = measure_stars(ref_found, target)
+            al = fit_alignment(ref_at[target], measure_stars(found[p], target), order=order,
                                match_radius=match_radius, shape=ref_exp.shape)
         except DiapipeError as exc:
             log.error("%s: %s", p, exc)
@@ -484,10 +519,10 @@ def align_series(paths, reference=None, order: int = 2, gain=None, read_noise=No
             continue
         a = resample_to_reference(e, al, ref_exp.shape, flux_scale=1.0 / al.flux_ratio)
         a.metadata["REFFRAME"] = Path(reference).name
-        a.metadata["SEEINGPX"] = stars[p].fwhm
+        a.metadata["SEEINGPX"] = found[p].fwhm
         aligned.append(a)
         rows.append({"frame": Path(p).name, "n_matched": al.n_matched, "rms_px": al.rms,
-                     "rms_bright_px": al.rms_bright, "fwhm_px": stars[p].fwhm,
+                     "rms_bright_px": al.rms_bright, "fwhm_px": found[p].fwhm,
                      "flux_ratio": al.flux_ratio, "order": al.order, "reference": Path(reference).name})
     return aligned, rows
 
