@@ -76,7 +76,7 @@ around the 50 brightest stars of the 16 default-survey diffexps have
 std(D/sigma) median 1.020 (8/16 within 2 %) against 1.029 (3/16) with the
 held-out choice, whose median chi2 is ruled by the many faint stamps (a mean
 does no better); but on small synthetic pairs (448^2, ~30 stamps) order 2
-still fits noise (bright-star boxes 1.021 against 1.001), so the held-out
+still fits noise (bright-star boxes 1.021 against 0.990), so the held-out
 choice stays the default.
 
 Fallbacks (documented, written to the header as KFALLBK): with too few
