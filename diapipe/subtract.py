@@ -9,7 +9,10 @@ Methods
          as LSST ip_diffim's DecorrelateALKernelTask.
 ``zogy`` Zackay, Ofek & Gal-Yam (2016) (``diapipe.zogy``), on tiles with the
          PSF models evaluated per tile and the flux ratio from the AL stamp
-         fit; also writes S_corr (HDU SCORR).
+         fit; also writes S_corr (HDU SCORR).  ZOGY assumes perfect
+         registration: the residual shift that the AL kernel's centroid
+         measures (ZOGYDX, ZOGYDY at the centre) is removed from the template
+         per tile by a Fourier phase ramp, which keeps its noise white.
 
 Conventions
 -----------
@@ -832,9 +835,13 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
         from .zogy import zogy_tiled
 
         # ZOGY wants one PSF per image: follow a varying PSF tile by tile
+        shift_at = _zogy_misregistration(sol, psf_s, psf_t, direction, pre)
         z = zogy_tiled(sci, tpl, vs, vt, psf_s.image, psf_t.image, flux_ratio, np.sqrt(sky_median(vs, ~bad)),
-                       np.sqrt(sky_median(vt, ~bad)), tile=cfg.zogy_tile_size)
+                       np.sqrt(sky_median(vt, ~bad)), tile=cfg.zogy_tile_size, ref_shift_at=shift_at)
         header["ZOGYNTIL"] = (len(z["psfs"]), "ZOGY tiles (PSFs evaluated per tile)")
+        dxc, dyc = shift_at(xc, yc)
+        header["ZOGYDX"] = (round(dxc, 4), "template misregistration removed at centre, x [px]")
+        header["ZOGYDY"] = (round(dyc, 4), "template misregistration removed at centre, y [px]")
         diff, var = z["D"], z["variance"]
         hz = max(psf_s.size, psf_t.size) // 2
         edge_z = np.zeros(shape, bool)
@@ -900,6 +907,37 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
              data_id, cfg.method, direction, ksum_c, sol.n_stamps, sol.n_rejected, sol.chi2,
              header["DIFFRMS"][0], header["SUBTIME"][0])
     return diffexp
+
+
+def _centroid(stamp) -> np.ndarray:
+    """First moment (x, y) of a centred odd stamp relative to its centre pixel [px]."""
+    st = np.asarray(stamp, float)
+    h = st.shape[0] // 2
+    g = np.arange(-h, h + 1)
+    tot = st.sum()
+    return np.array([(st.sum(axis=0) * g).sum(), (st.sum(axis=1) * g).sum()]) / tot
+
+
+def _zogy_misregistration(sol, psf_s, psf_t, direction, pre):
+    """Callable (x, y) -> (dx, dy) px: where the template's sources sit relative to the science's.
+
+    The AL kernel fitted on the stamps absorbs any residual shift between the two images;
+    its centroid, less the centroid difference of the PSF models it maps between, is that
+    shift.  ZOGY assumes perfect registration and leaves a dipole at every star without it.
+    """
+    if sol is None or sol.fallback == "psfmodel":  # a kernel from the PSF models knows no shift
+        return lambda x, y: (0.0, 0.0)
+
+    def shift(x, y):
+        ck = _centroid(sol.kernel(x, y))
+        cs, ct = _centroid(psf_s.image(x, y)), _centroid(psf_t.image(x, y))
+        if direction == "science":  # template ~ K (*) science
+            d = ck + cs - ct
+        else:  # science (or science (*) pre) ~ K (*) template
+            d = cs - ct - ck + (_centroid(pre) if pre is not None else 0.0)
+        return float(d[0]), float(d[1])
+
+    return shift
 
 
 def _tile_psf_model(tile_psfs, shape) -> PixelPsf:
