@@ -292,6 +292,8 @@ class StampSystem:
     c: np.ndarray
     npix: np.ndarray
     M_raw: np.ndarray | None = None  # before the noise debiasing: for chi2 and local fits
+    local: tuple | None = None  # _local_fits' result, kept: it depends on the stamps only
+    normal: dict | None = None  # per-stamp spatial normal equations by (orders, geometry), kept for the CV folds
 
 
 def stamp_system(src, tgt, weight, xs, ys, basis, half_stamp, var_src=None) -> StampSystem:
@@ -439,18 +441,22 @@ class _Layout:
 
 
 def _local_fits(sys: StampSystem):
-    """Each stamp alone: coefficients, kernel sum and reduced chi2."""
-    Mr = sys.M_raw if sys.M_raw is not None else sys.M
-    ns, nb1, _ = Mr.shape
-    a = np.full((ns, nb1), np.nan)
-    chi2 = np.full(ns, np.inf)
-    for n in range(ns):
-        try:
-            a[n] = np.linalg.solve(sys.M[n], sys.b[n])
-        except np.linalg.LinAlgError:
-            continue
+    """Each stamp alone: coefficients, kernel sum and reduced chi2 (computed once per system)."""
+    if sys.local is not None:
+        return sys.local
+    ns, nb1, _ = sys.M.shape
+    try:  # one batched LAPACK call; a singular stamp sends us to the loop
+        a = np.linalg.solve(sys.M, sys.b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        a = np.full((ns, nb1), np.nan)
+        for n in range(ns):
+            try:
+                a[n] = np.linalg.solve(sys.M[n], sys.b[n])
+            except np.linalg.LinAlgError:
+                continue
     chi2 = np.where(np.isfinite(a[:, 0]), _chi2_of(sys, np.nan_to_num(a)), np.inf)
-    return a, a[:, 0], chi2
+    sys.local = (a, a[:, 0], chi2)
+    return sys.local
 
 
 def _chi2_of(sys, a):
@@ -492,12 +498,7 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
         reason[bad_chi] = "chi2_local"
         good &= ~(bad_ks | bad_chi)
     lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)
-    tk = poly_design(sys.x, sys.y, spatial_order, x0, y0, sx, sy)
-    tb = poly_design(sys.x, sys.y, bg_order, x0, y0, sx, sy)
-    G = lay.G(tk, tb)
-    GtM = G.transpose(0, 2, 1) @ sys.M
-    A_all = GtM @ G
-    B_all = np.einsum("nip,ni->np", G, sys.b)
+    G, A_all, B_all = _normal_equations(sys, lay, (x0, y0, sx, sy))
     min_needed = max(cfg.min_stamps, int(np.ceil(cfg.stamps_per_term * lay.nk)))
     theta = None
     chi_sp = np.full(ns, np.nan)
@@ -533,9 +534,31 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
     return sol, "ok"
 
 
-def _subset(sys: StampSystem, idx) -> StampSystem:
+def _layout_key(lay: _Layout, geom) -> tuple:
+    return (lay.nb, lay.korder, lay.bgorder, lay.const_ksum, tuple(geom))
+
+
+def _normal_equations(sys: StampSystem, lay: _Layout, geom):
+    """Per-stamp (G, G^T M G, G^T b) for a layout, computed once per system and layout."""
+    key = _layout_key(lay, geom)
+    if sys.normal is None:
+        sys.normal = {}
+    if key not in sys.normal:
+        tk = poly_design(sys.x, sys.y, lay.korder, *geom)
+        tb = poly_design(sys.x, sys.y, lay.bgorder, *geom)
+        G = lay.G(tk, tb)
+        sys.normal[key] = (G, (G.transpose(0, 2, 1) @ sys.M) @ G, np.einsum("nip,ni->np", G, sys.b))
+    return sys.normal[key]
+
+
+def _subset(sys: StampSystem, idx, key=None) -> StampSystem:
+    """The stamps ``idx`` of a system, with its local fits and the normal equations of layout ``key``."""
+    normal = None
+    if key is not None and sys.normal is not None and key in sys.normal:
+        normal = {key: tuple(v[idx] for v in sys.normal[key])}
     return StampSystem(sys.x[idx], sys.y[idx], sys.M[idx], sys.b[idx], sys.c[idx], sys.npix[idx],
-                       None if sys.M_raw is None else sys.M_raw[idx])
+                       None if sys.M_raw is None else sys.M_raw[idx],
+                       None if sys.local is None else tuple(v[idx] for v in sys.local), normal)
 
 
 def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, nfold: int = 5) -> float:
@@ -550,13 +573,19 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
     (deterministic).
     """
     ns = len(sys.x)
+    _local_fits(sys)  # once for all folds
+    ny, nx = shape  # the normal equations too (fit_spatial's geometry)
+    lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)
+    geom = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
+    _normal_equations(sys, lay, geom)
+    key = _layout_key(lay, geom)
     fold = np.arange(ns) % nfold
     chi = np.full(ns, np.nan)
     for k in range(nfold):
         test, train = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
         if not len(test):
             continue
-        sol, _ = fit_spatial(_subset(sys, train), basis, cfg, shape, spatial_order, bg_order)
+        sol, _ = fit_spatial(_subset(sys, train, key), basis, cfg, shape, spatial_order, bg_order)
         if sol is None:
             return float("nan")
         geom = (sol.x0, sol.y0, sol.sx, sol.sy)

@@ -427,17 +427,21 @@ def measure_noise(image, variance, good, half: int = 2, src_nsigma: float = 4.0,
     sm = ndimage.gaussian_filter(n, smooth, truncate=3.0) / np.maximum(
         ndimage.gaussian_filter(okf, smooth, truncate=3.0), 1e-3)
     src = (sm > src_nsigma * np.sqrt(_robust_var(sm[ok][::5]))) | (np.abs(n) > clip * np.sqrt(_robust_var(n[ok][::5])))
-    sky = ok & ~ndimage.binary_dilation(src, structure=np.ones((3, 3), bool), iterations=grow)
+    sky = ok & ~_grow(src, grow)  # = binary_dilation by the 3x3 square, grow times
     if sky.sum() < 10_000:
         raise ValueError(f"only {int(sky.sum())} blank-sky pixels to measure the noise")
-    m = np.where(sky, n, 0).astype(np.float32)
-    sk = sky.astype(np.float32)
+    # Lags as offsets in the flattened window: one contiguous dot product each (2D slices
+    # were copied by every dot).  The last 16 columns are left out, so a pair that wraps
+    # from one row into the next always has one pixel there and adds nothing.
+    sky[:, -16:] = False
+    m = np.where(sky, n, 0).astype(np.float32).ravel()
+    sk = sky.astype(np.float32).ravel()
+    npix = m.size
 
-    def cov(dy, dx):  # mean product over pairs of blank pixels (dy >= 0)
-        a = (slice(0, wy - dy), slice(max(0, -dx), wx - max(0, dx)))
-        b = (slice(dy, wy), slice(max(0, dx), wx - max(0, -dx)))
-        npair = float(np.vdot(sk[a], sk[b]))
-        return float(np.vdot(m[a], m[b])) / max(npair, 1.0)
+    def cov(dy, dx):  # mean product over pairs of blank pixels (lag dy >= 0, |dx| <= 16)
+        off = dy * wx + dx
+        npair = float(np.dot(sk[: npix - off], sk[off:]))
+        return float(np.dot(m[: npix - off], m[off:])) / max(npair, 1.0)
 
     pedestal = float(np.median([cov(dy, dx) for dy, dx in ((0, 12), (12, 0), (12, 12), (12, -12), (0, 16),
                                                                (16, 0), (16, 8), (8, 16), (16, -8))]))
