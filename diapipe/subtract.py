@@ -535,41 +535,9 @@ def noise_gram(stamps, rho) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- helpers
-def _shifted(b: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """b(i + k) along ``axis`` (k may be negative), False beyond the edge."""
-    out = np.zeros_like(b)
-    n = b.shape[axis]
-    if abs(k) >= n:
-        return out
-    src = [slice(None)] * b.ndim
-    dst = [slice(None)] * b.ndim
-    src[axis] = slice(k, None) if k >= 0 else slice(None, n + k)
-    dst[axis] = slice(None, n - k) if k >= 0 else slice(-k, None)
-    out[tuple(dst)] = b[tuple(src)]
-    return out
-
-
-def _dilate_axis(b: np.ndarray, h: int, axis: int) -> np.ndarray:
-    """OR of b over the window [i - h, i + h] along ``axis``, by doubling shifts (O(log h) passes).
-
-    The two half-windows are built separately: shifting the forward one back
-    by h would lose [0, i] for i < h.
-    """
-    out = np.zeros_like(b)
-    for sign in (1, -1):
-        f, run = b.copy(), 1  # f(i) = OR over [i, i + run - 1] (sign +1) or [i - run + 1, i] (sign -1)
-        while 2 * run <= h + 1:
-            f |= _shifted(f, sign * run, axis)
-            run *= 2
-        out |= f | _shifted(f, sign * (h + 1 - run), axis)
-    return out
-
-
 def _grow(mask_bool: np.ndarray, half: int) -> np.ndarray:
-    """Dilation by a (2 half + 1)^2 box (ndimage.maximum_filter's result; 4x faster at 4096^2)."""
-    if half <= 0 or not mask_bool.any():
-        return mask_bool
-    return _dilate_axis(_dilate_axis(np.asarray(mask_bool, bool), half, 0), half, 1)
+    """Dilation by a (2 half + 1)^2 box (masks.grow_box)."""
+    return masks.grow_box(mask_bool, half)
 
 
 def _grow_planes(mask: np.ndarray, half: int, planes) -> np.ndarray:

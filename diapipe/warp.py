@@ -196,7 +196,8 @@ def lanczos_resample(image: np.ndarray, xin: np.ndarray, yin: np.ndarray, varian
     """
     xin, yin = np.asarray(xin, float), np.asarray(yin, float)
     img = np.ascontiguousarray(image, dtype=np.float32)
-    var = None if variance is None else np.ascontiguousarray(variance, dtype=np.float32)
+    # image and variance interleaved: one gather of each point's window serves both
+    var = None if variance is None else np.stack([img, np.asarray(variance, dtype=np.float32)], axis=-1)
     mor = None
     if mask is not None:
         n = 2 * a
@@ -212,6 +213,7 @@ def lanczos_resample(image: np.ndarray, xin: np.ndarray, yin: np.ndarray, varian
 
 
 def _resample_chunk(image, xin, yin, variance, mask_or, a):
+    """Resample a chunk of points; ``variance`` is None or the (ny, nx, 2) image+variance stack."""
     ny, nx = image.shape
     n = 2 * a
     xin = np.where(np.isfinite(xin), xin, -1e9)
@@ -226,13 +228,16 @@ def _resample_chunk(image, xin, yin, variance, mask_or, a):
     np.clip(xs, 0, nx - n, out=xs)
     np.clip(ys, 0, ny - n, out=ys)
     # One gather of the n x n input window of every point (a strided view of the image, no
-    # copy), then the separable weights: sum_j wy_j sum_k wx_k I[ys+j, xs+k].
-    win = np.lib.stride_tricks.sliding_window_view(image, (n, n))
-    out = np.einsum("nj,nj->n", wy, np.einsum("njk,nk->nj", win[ys, xs], wx))
+    # copy), then the separable weights: sum_j wy_j sum_k wx_k I[ys+j, xs+k].  With a
+    # variance, ``variance`` is the (ny, nx, 2) image+variance stack and the window holds both.
     vout = None
-    if variance is not None:
-        vwin = np.lib.stride_tricks.sliding_window_view(variance, (n, n))
-        vout = np.einsum("nj,nj->n", wy * wy, np.einsum("njk,nk->nj", vwin[ys, xs], wx * wx))
+    if variance is None:
+        win = np.lib.stride_tricks.sliding_window_view(image, (n, n))[ys, xs]
+        out = np.einsum("nj,nj->n", wy, np.einsum("njk,nk->nj", win, wx))
+    else:
+        win = np.lib.stride_tricks.sliding_window_view(variance, (n, n), axis=(0, 1))[ys, xs]  # (N, 2, n, n)
+        out = np.einsum("nj,nj->n", wy, np.einsum("njk,nk->nj", win[:, 0], wx))
+        vout = np.einsum("nj,nj->n", wy * wy, np.einsum("njk,nk->nj", win[:, 1], wx * wx))
         vout[~valid] = 0.0
     # The mask OR over the kernel's (or the bilinear 2x2) footprint was precomputed on the
     # input by separable shifts: one gather per output pixel.
