@@ -12,6 +12,9 @@ For every diffexp of the run, against the simulation truth:
   log10 of the flux for bright sources), plus its robust (IQR) version;
 * ``stars``: the same pooled over 15 x 15 boxes centred on the 50 brightest
   true stars whose box is entirely unmasked (so unsaturated);
+* ``stars_fullcov``: the same for the 50 brightest of the stars where every
+  visit of the template coadd is used (its NIMAGE plane): elsewhere the
+  template's PSF is a mean over fewer visits, which no smooth kernel follows;
 * ``mf_blank``: std of the PSF matched-filtered significance (diapipe.detect.
   matched_filter) over blank-sky pixels whose PSF footprint is all valid: the
   noise detection thresholds and forced photometry errors rely on;
@@ -65,11 +68,15 @@ def near_sources(shape, t: pd.DataFrame, fwhm: float) -> np.ndarray:
     return near
 
 
-def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15):
-    """diff/sqrt(var) pooled over ``box`` x ``box`` boxes of the n brightest stars with an unmasked box."""
+def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15, keep=None):
+    """diff/sqrt(var) pooled over ``box`` x ``box`` boxes of the n brightest stars with an unmasked box.
+
+    ``keep``: optional boolean per row of ``t``; stars where it is False are skipped.
+    """
     h = box // 2
     ny, nx = z.shape
-    stars = t[t["kind"] == "star"].sort_values("flux", ascending=False)
+    stars = t[t["kind"] == "star"] if keep is None else t[(t["kind"] == "star").to_numpy() & keep]
+    stars = stars.sort_values("flux", ascending=False)
     vals = []
     for x, y in zip(stars["x"].to_numpy(float), stars["y"].to_numpy(float)):
         ix, iy = int(round(x)), int(round(y))
@@ -84,6 +91,26 @@ def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15):
     return (np.concatenate(vals) if vals else np.array([np.nan])), len(vals)
 
 
+def full_coverage(d, t: pd.DataFrame, coadds, half: int = 12) -> np.ndarray:
+    """Per true source: is every visit of its template coadd used within ``half`` px of it?
+
+    ``coadds``: list of (WCS of the NIMAGE plane, NIMAGE, NVISITS).  Where fewer visits
+    enter, the template's PSF is another mean of the visits' PSFs than the smooth coadd
+    PSF model and matching kernel describe.
+    """
+    ra, dec = d.wcs.all_pix2world(t["x"].to_numpy(float), t["y"].to_numpy(float), 0)
+    out = np.zeros(len(t), bool)
+    done = np.zeros(len(t), bool)
+    for wcs, nim, nvis in coadds:
+        cx, cy = wcs.all_world2pix(ra, dec, 0)
+        cx, cy = np.round(cx).astype(int), np.round(cy).astype(int)
+        inside = ~done & (cx >= half) & (cy >= half) & (cx < nim.shape[1] - half) & (cy < nim.shape[0] - half)
+        for k in np.flatnonzero(inside):
+            out[k] = nim[cy[k] - half:cy[k] + half + 1, cx[k] - half:cx[k] + half + 1].min() >= nvis
+        done |= inside
+    return out
+
+
 def near_trail(shape, plan, visit, det) -> np.ndarray:
     """Pixels within 6 sigma of the visit's simulated satellite trail (none if it has no trail)."""
     from diapipe.simulate import satellite_line
@@ -96,7 +123,7 @@ def near_trail(shape, plan, visit, det) -> np.ndarray:
     return np.abs((xx - x0) * nxv + (yy - y0) * nyv) < 6 * sigma
 
 
-def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=None) -> dict:
+def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=None, coadds=None) -> dict:
     d = Exposure.read(diff_path)
     m = d.metadata
     visit, det = int(m.get("visit", -1)), int(m.get("detector", -1))
@@ -109,6 +136,7 @@ def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=N
     fwhm = 2.3548 * float(m.get("PSFSIGS", 1.5))
     blank = good & ~near_sources(d.shape, t, fwhm)
     zs, nbox = star_boxes(z, good, t)
+    zf, nbox_f = star_boxes(z, good, t, keep=full_coverage(d, t, coadds)) if coadds else (np.array([np.nan]), 0)
     # what detection and forced photometry see: the PSF matched filter's noise over the same blank sky
     from diapipe.detect import matched_filter
 
@@ -129,7 +157,7 @@ def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=N
            "blank_iqr": _iqr_std(z[blank]), "blank_frac": float(blank.mean()), "mf_blank": float(np.std(nu[mf])),
            "mf_robust": float(mf_all),
            "stars": float(np.std(zs)),
-           "nbox": nbox, "trail_px": int(trail.sum()), "DIFFRMS": m.get("DIFFRMS"), "SVARSCAL": m.get("SVARSCAL", np.nan),
+           "nbox": nbox, "stars_fullcov": float(np.std(zf)), "nbox_fullcov": nbox_f, "trail_px": int(trail.sum()), "DIFFRMS": m.get("DIFFRMS"), "SVARSCAL": m.get("SVARSCAL", np.nan),
            "TVARSCAL": m.get("TVARSCAL", np.nan), "TNOISCOR": m.get("TNOISCOR", np.nan),
            "TNRESAMP": m.get("TNRESAMP", np.nan)}
     if dia is not None:
@@ -171,7 +199,15 @@ def main(argv=None) -> int:
     from diapipe.simulate import plan_survey
 
     plan = plan_survey(cfg)
-    rows = [measure_one(p, tf, dia, plan) for p in paths]
+    coadds = []
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    for cp in sorted((wd / "results" / "template").glob("*/*.fits")):
+        with fits.open(cp) as h:
+            if "NIMAGE" in h:
+                coadds.append((WCS(h["NIMAGE"].header), h["NIMAGE"].data.copy(), int(h[0].header.get("NVISITS", 0))))
+    rows = [measure_one(p, tf, dia, plan, coadds) for p in paths]
     if not rows:
         print("no diffexps found", file=sys.stderr)
         return 1
@@ -184,6 +220,11 @@ def main(argv=None) -> int:
           f"{out['blank'].max():.4f}; within 1% of 1: {int(ok_b.sum())}/{len(out)}")
     print(f"bright-star boxes std: median {out['stars'].median():.4f}, range {out['stars'].min():.4f}-"
           f"{out['stars'].max():.4f}; within 2% of 1: {int(ok_s.sum())}/{len(out)}")
+    if out["nbox_fullcov"].max() > 0:
+        ok_f = (out["stars_fullcov"] - 1).abs() < 0.02
+        print(f"bright-star boxes where every template visit is used (coadd NIMAGE = NVISITS within 12 px): "
+              f"median {out['stars_fullcov'].median():.4f}, range {out['stars_fullcov'].min():.4f}-"
+              f"{out['stars_fullcov'].max():.4f}; within 2% of 1: {int(ok_f.sum())}/{len(out)}")
     print(f"matched-filter std on blank sky: median {out['mf_blank'].median():.4f}, range "
           f"{out['mf_blank'].min():.4f}-{out['mf_blank'].max():.4f}")
     print(f"matched-filter robust std (detection's noiseScale estimate): median {out['mf_robust'].median():.4f}, "
