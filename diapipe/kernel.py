@@ -475,14 +475,19 @@ def _robust_upper(values, good, nsig):
     return med + nsig * max(mad, 0.05 * abs(med), 1e-12)
 
 
+def _geometry(shape) -> tuple:
+    """(x0, y0, sx, sy): centre and half-sizes [px] normalising x, y in the spatial polynomials."""
+    ny, nx = shape
+    return (nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)
+
+
 def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
     """Stamp-level least squares for the spatial kernel, with iterative clipping of bad stamps.
 
     Returns (KernelSolution or None, reason).  ``None`` means too few stamps
     survived for this spatial order.
     """
-    ny, nx = shape
-    x0, y0, sx, sy = (nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)
+    x0, y0, sx, sy = _geometry(shape)
     ns = len(sys.x)
     reason = np.array(["ok"] * ns, dtype=object)
     a_loc, ksum_loc, chi_loc = _local_fits(sys)
@@ -574,9 +579,8 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
     """
     ns = len(sys.x)
     _local_fits(sys)  # once for all folds
-    ny, nx = shape  # the normal equations too (fit_spatial's geometry)
-    lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)
-    geom = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
+    lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)  # and the normal equations
+    geom = _geometry(shape)
     _normal_equations(sys, lay, geom)
     key = _layout_key(lay, geom)
     fold = np.arange(ns) % nfold
