@@ -184,7 +184,7 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
                 continue
             # hysteresis: keep low-threshold regions that contain a high-threshold pixel, but only
             # within 2 FWHM of the seeds (in a crowded field low-level regions percolate everywhere)
-            near = _dilate(high, int(np.ceil(2 * 2.355 * smax)))
+            near = masks.grow_box(high, int(np.ceil(2 * 2.355 * smax)))
             low &= near
             lab, nlab = ndimage.label(low)
             keep = np.zeros(nlab + 1, bool)
@@ -192,14 +192,9 @@ def find_artefacts(warps: list[Exposure], nsigma: float = 5.0, nsigma_low: float
             keep[0] = False
             flagged = keep[lab]
             if grow > 0:
-                flagged = _dilate(flagged, grow)
+                flagged = masks.grow_box(flagged, grow)
             out[i] = flagged & valid[i]
     return out
-
-
-def _dilate(b: np.ndarray, r: int) -> np.ndarray:
-    """Binary dilation by a (2r+1)^2 square = r iterations of the 3x3 square (separable, doubling shifts)."""
-    return masks.grow_box(b, r)
 
 
 def _flux_conserving(seeds, d, dvar, ref, r: int, nsigma: float, flux_frac: float) -> np.ndarray:
@@ -423,10 +418,11 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     plane_w = {p: np.zeros(shape) for p in CARRY_PLANES}
     fallback_num = np.zeros(shape)
     used_maps = []
+    valid_maps = [_valid(w) for w in warps]
     # accumulated with where= rather than boolean indexing: the same sums, without the gathers
-    for w, wt, rej in zip(warps, wts, rejected):
+    for w, wt, rej, valid in zip(warps, wts, rejected, valid_maps):
         has = ~masks.is_set(w.mask, "NO_DATA")
-        use = _valid(w) & ~rej
+        use = valid & ~rej
         used_maps.append(use)
         wimg = wt * w.image
         np.add(num, wimg, out=num, where=use)
@@ -470,8 +466,7 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
         meta["MJD-BEG"], meta["MJD-END"] = float(min(mjds)), float(max(mjds))
     meta["WEIGHTNG"] = weighting
     # large-aperture variance / summed pixel variance, from the warps' resampling correlation
-    mv = np.array([np.median(w.variance[u][::7]) if u.any() else 0.0
-                   for w, u in zip(warps, (_valid(w) for w in warps))])
+    mv = np.array([np.median(w.variance[u][::7]) if u.any() else 0.0 for w, u in zip(warps, valid_maps)])
     cw = wts / wts.sum()
     ncor = np.array([float(w.metadata.get("NOISECOR", 1.0)) for w in warps])
     meta["NOISECOR"] = float(np.sum(cw**2 * mv * ncor) / max(np.sum(cw**2 * mv), 1e-300))

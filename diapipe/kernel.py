@@ -592,7 +592,6 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
         sol, _ = fit_spatial(_subset(sys, train, key), basis, cfg, shape, spatial_order, bg_order)
         if sol is None:
             return float("nan")
-        geom = (sol.x0, sol.y0, sol.sx, sol.sy)
         tk = poly_design(sys.x[test], sys.y[test], spatial_order, *geom)
         tb = poly_design(sys.x[test], sys.y[test], bg_order, *geom)
         chi[test] = _chi2_of(_subset(sys, test), sol.layout.G(tk, tb) @ sol.theta)

@@ -427,7 +427,7 @@ def measure_noise(image, variance, good, half: int = 2, src_nsigma: float = 4.0,
     sm = ndimage.gaussian_filter(n, smooth, truncate=3.0) / np.maximum(
         ndimage.gaussian_filter(okf, smooth, truncate=3.0), 1e-3)
     src = (sm > src_nsigma * np.sqrt(_robust_var(sm[ok][::5]))) | (np.abs(n) > clip * np.sqrt(_robust_var(n[ok][::5])))
-    sky = ok & ~_grow(src, grow)  # = binary_dilation by the 3x3 square, grow times
+    sky = ok & ~masks.grow_box(src, grow)  # = binary_dilation by the 3x3 square, grow times
     if sky.sum() < 10_000:
         raise ValueError(f"only {int(sky.sum())} blank-sky pixels to measure the noise")
     # Lags as offsets in the flattened window: one contiguous dot product each (2D slices
@@ -535,11 +535,6 @@ def noise_gram(stamps, rho) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- helpers
-def _grow(mask_bool: np.ndarray, half: int) -> np.ndarray:
-    """Dilation by a (2 half + 1)^2 box (masks.grow_box)."""
-    return masks.grow_box(mask_bool, half)
-
-
 def _grow_planes(mask: np.ndarray, half: int, planes) -> np.ndarray:
     """Mask with each of ``planes`` dilated by a (2 half + 1)^2 box (the kernel footprint)."""
     out = mask.copy()
@@ -547,7 +542,7 @@ def _grow_planes(mask: np.ndarray, half: int, planes) -> np.ndarray:
         b = masks.bit(name)
         sel = (mask & b) != 0
         if sel.any():
-            out[_grow(sel, half)] |= masks.MASK_DTYPE(b)
+            out[masks.grow_box(sel, half)] |= masks.MASK_DTYPE(b)
     return out
 
 
@@ -999,7 +994,7 @@ def _fit_kernel(src, tgt, vsrc, vtgt, bad, bad_src, basis, spec, half_stamp, cfg
     # Pixels the stamp fit ignores: masked pixels of the image matched to (tgt), and every pixel
     # within the kernel's reach of a masked pixel of the convolved image (src), which the
     # convolution smears.  Stamps may then hold a hot pixel or a cosmic ray away from their star.
-    zero_weight = bad | _grow(bad_src, spec.half)
+    zero_weight = bad | masks.grow_box(bad_src, spec.half)
     xs, ys, _ = kmod.select_stamps(src, tgt, vsrc, vtgt, bad, half_stamp, spec.half, cfg, saturation,
                                    zero_weight=zero_weight)
     if len(xs) < 2 * cfg.min_stamps and cfg.stamp_min_snr > 10.0:

@@ -197,23 +197,23 @@ def lanczos_resample(image: np.ndarray, xin: np.ndarray, yin: np.ndarray, varian
     xin, yin = np.asarray(xin, float), np.asarray(yin, float)
     img = np.ascontiguousarray(image, dtype=np.float32)
     # image and variance interleaved: one gather of each point's window serves both
-    var = None if variance is None else np.stack([img, np.asarray(variance, dtype=np.float32)], axis=-1)
+    stack = None if variance is None else np.stack([img, np.asarray(variance, dtype=np.float32)], axis=-1)
     mor = None
     if mask is not None:
         n = 2 * a
         lo, hi = (0, n) if mask_kernel == "lanczos" else (a - 1, a + 1)
         mor = _or_box(np.asarray(mask, dtype=masks.MASK_DTYPE), lo, hi)
     if len(xin) <= chunk:
-        return _resample_chunk(img, xin, yin, var, mor, a)
-    parts = [_resample_chunk(img, xin[i:i + chunk], yin[i:i + chunk], var, mor, a) for i in range(0, len(xin), chunk)]
+        return _resample_chunk(img, xin, yin, stack, mor, a)
+    parts = [_resample_chunk(img, xin[i:i + chunk], yin[i:i + chunk], stack, mor, a) for i in range(0, len(xin), chunk)]
     val = np.concatenate([q[0] for q in parts])
-    vout = np.concatenate([q[1] for q in parts]) if var is not None else None
+    vout = np.concatenate([q[1] for q in parts]) if stack is not None else None
     mout = np.concatenate([q[2] for q in parts]) if mor is not None else None
     return val, vout, mout, np.concatenate([q[3] for q in parts])
 
 
-def _resample_chunk(image, xin, yin, variance, mask_or, a):
-    """Resample a chunk of points; ``variance`` is None or the (ny, nx, 2) image+variance stack."""
+def _resample_chunk(image, xin, yin, stack, mask_or, a):
+    """Resample a chunk of points; ``stack`` is None or the (ny, nx, 2) image+variance stack."""
     ny, nx = image.shape
     n = 2 * a
     xin = np.where(np.isfinite(xin), xin, -1e9)
@@ -229,13 +229,13 @@ def _resample_chunk(image, xin, yin, variance, mask_or, a):
     np.clip(ys, 0, ny - n, out=ys)
     # One gather of the n x n input window of every point (a strided view of the image, no
     # copy), then the separable weights: sum_j wy_j sum_k wx_k I[ys+j, xs+k].  With a
-    # variance, ``variance`` is the (ny, nx, 2) image+variance stack and the window holds both.
+    # variance the window comes from the image+variance stack and holds both.
     vout = None
-    if variance is None:
+    if stack is None:
         win = np.lib.stride_tricks.sliding_window_view(image, (n, n))[ys, xs]
         out = np.einsum("nj,nj->n", wy, np.einsum("njk,nk->nj", win, wx))
     else:
-        win = np.lib.stride_tricks.sliding_window_view(variance, (n, n), axis=(0, 1))[ys, xs]  # (N, 2, n, n)
+        win = np.lib.stride_tricks.sliding_window_view(stack, (n, n), axis=(0, 1))[ys, xs]  # (N, 2, n, n)
         out = np.einsum("nj,nj->n", wy, np.einsum("njk,nk->nj", win[:, 0], wx))
         vout = np.einsum("nj,nj->n", wy * wy, np.einsum("njk,nk->nj", win[:, 1], wx * wx))
         vout[~valid] = 0.0

@@ -134,7 +134,6 @@ def zogy_tiled(new, ref, var_new, var_ref, psf_new_at, psf_ref_at, flux_ratio, s
             for key in ("D", "variance", "score"):
                 out[key][y0:y1, x0:x1] = z[key][inner]
             out["psfs"].append(((x0, x1, y0, y1), z["psf"]))
-            out.setdefault("shifts", []).append(tuple(map(float, shift)))
             out["flux_zero_point"] = z["flux_zero_point"]
     centre = min(out["psfs"], key=lambda t: abs((t[0][0] + t[0][1]) / 2 - nx / 2) + abs((t[0][2] + t[0][3]) / 2 - ny / 2))
     out["psf"] = centre[1]

@@ -391,13 +391,13 @@ def test_mask_growth_and_box_mean_match_scipy():
     from scipy import ndimage
 
     from diapipe import kernel as kmod
-    from diapipe.subtract import _grow
+    from diapipe.masks import grow_box
 
     rng = np.random.default_rng(4)
     for shape, half in [((37, 53), 1), ((37, 53), 2), ((37, 53), 7), ((64, 64), 40), ((5, 300), 3), ((120, 90), 16)]:
         b = rng.random(shape) < 0.01
         b[0, :3] = b[-1, -2:] = True  # edges: the window is clipped there, not shifted away
         want = ndimage.maximum_filter(b.astype(np.uint8), size=2 * half + 1).astype(bool)
-        assert np.array_equal(_grow(b, half), want), (shape, half)
+        assert np.array_equal(grow_box(b, half), want), (shape, half)
     img = rng.normal(size=(33, 47)).astype(np.float32)
     np.testing.assert_allclose(kmod._box3_mean(img), ndimage.uniform_filter(img, 3), atol=1e-6)
