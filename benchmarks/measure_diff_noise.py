@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     from astropy.io import fits
     from astropy.wcs import WCS
 
-    for cp in sorted((wd / "results" / "template").glob("*/*.fits")):
+    for cp in sorted(wd.glob(cfg["datasets"]["template"].format(band="*", patch="*"))):
         with fits.open(cp) as h:
             if "NIMAGE" in h:
                 coadds.append((WCS(h["NIMAGE"].header), h["NIMAGE"].data.copy(), int(h[0].header.get("NVISITS", 0))))
