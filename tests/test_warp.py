@@ -84,6 +84,34 @@ def test_lanczos_preserves_flat_and_propagates_white_noise_variance():
     assert np.var(blocks) / np.mean(pred / mean_noise_correlation()) > 1.12
 
 
+def test_compiled_lanczos_is_the_lanczos_sum_and_flags_the_edges():
+    """The compiled loop against the formula: sum_j sum_k L(dy_j) L(dx_k) I / (sum L)^2, mask OR of the window."""
+    from diapipe.warp import lanczos
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(40, 50)).astype(np.float32)
+    var = rng.uniform(1, 2, size=img.shape).astype(np.float32)
+    msk = np.zeros(img.shape, masks.MASK_DTYPE)
+    msk[20, 30] = 4
+    x = np.concatenate([rng.uniform(2, 46.99, 300), [2.0, 1.999, 46.999, 47.0, np.nan, 29.5]])
+    y = np.concatenate([rng.uniform(2, 36.99, 300), [2.0, 20.0, 20.0, 20.0, 20.0, 20.5]])
+    val, v, m, ok = lanczos_resample(img, x, y, var, msk)
+    # inside iff the 6 x 6 window fits: 2 <= x < nx - 3 (NaN is outside)
+    assert ok[:300].all() and list(ok[300:]) == [True, False, True, False, False, True]
+    for i in np.flatnonzero(ok):
+        i0, j0 = int(np.floor(x[i])), int(np.floor(y[i]))
+        kx, ky = np.arange(i0 - 2, i0 + 4), np.arange(j0 - 2, j0 + 4)
+        # the weights come from a table at 1/4096 px phase steps
+        xq, yq = i0 + np.rint((x[i] - i0) * 4096) / 4096, j0 + np.rint((y[i] - j0) * 4096) / 4096
+        wx, wy = lanczos(xq - kx), lanczos(yq - ky)
+        wx, wy = wx / wx.sum(), wy / wy.sum()
+        win = img[np.ix_(ky, kx)].astype(float)
+        assert val[i] == pytest.approx(wy @ win @ wx, abs=1e-5)  # float32 sums
+        assert v[i] == pytest.approx(wy**2 @ var[np.ix_(ky, kx)].astype(float) @ wx**2, rel=1e-3)
+        assert m[i] == (4 if (j0 - 2 <= 20 <= j0 + 3 and i0 - 2 <= 30 <= i0 + 3) else 0)
+    assert (val[~ok] == 0).all() and (m[~ok] == 0).all()
+
+
 def test_pixel_map_matches_astropy():
     w_in = make_wcs(RA0, DEC0, 11.0, (400, 400), 0.21)
     sm = small_skymap()
