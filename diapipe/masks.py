@@ -110,3 +110,16 @@ def grow_box(mask_bool: np.ndarray, half: int) -> np.ndarray:
     if half <= 0 or not mask_bool.any():
         return mask_bool
     return _dilate_axis(_dilate_axis(np.asarray(mask_bool, bool), half, 0), half, 1)
+
+
+def grow_cross(mask_bool: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Boolean dilation by the 4-connected cross, ``iterations`` times: ndimage.binary_dilation's
+    default, by shifts (~10x faster on a sparse full-frame map)."""
+    b = np.asarray(mask_bool, bool)
+    for _ in range(iterations):
+        out = b.copy()
+        for axis in (0, 1):
+            out |= _shifted(b, 1, axis)
+            out |= _shifted(b, -1, axis)
+        b = out
+    return b

@@ -192,6 +192,26 @@ def test_star_saturated_in_the_sharpest_visit_is_sat_in_the_coadd(survey):
     assert not masks.is_set(old.mask, "SAT").any()
 
 
+def test_stack_median_and_two_visit_reference_match_numpy():
+    """The compiled median stack: np.nanmedian, the NaN count, and (pi/2) mean variance / n."""
+    from diapipe.coadd import _reference
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(7, 30, 40)).astype(np.float32)
+    var = rng.uniform(1, 2, size=img.shape).astype(np.float32)
+    img[rng.random(img.shape) < 0.3] = np.nan
+    img[:, 0, 0] = np.nan  # no data at all
+    var[~np.isfinite(img)] = np.nan
+    ref, ref_var, n, tot, tot_var = _reference(img, var)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        want = np.nanmedian(img, axis=0)
+    assert np.array_equal(n, np.isfinite(img).sum(axis=0))
+    assert np.allclose(ref, want, equal_nan=True, atol=1e-6)
+    ok = n > 0
+    assert np.allclose(ref_var[ok], (np.pi / 2) * np.nansum(var, axis=0)[ok] / n[ok] ** 2, rtol=1e-5)
+    assert np.allclose(tot, np.nansum(img, axis=0), atol=1e-5) and np.isnan(ref_var[0, 0])
+
+
 def test_selection_modes_and_empty_selection():
     cands = [{"visit": v, "band": "r", "mjd": 60000.0 + v, "seeing": s} for v, s in enumerate([1.0, 0.7, 0.9, 0.6, 1.2])]
     assert select_visits(cands, "list", visits=[0, 4]) == [0, 4]

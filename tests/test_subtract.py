@@ -387,11 +387,11 @@ def test_residual_background_leaves_no_pedestal(offset, n_fakes):
 
 
 def test_mask_growth_and_box_mean_match_scipy():
-    """The shift-based box dilation and 3x3 box mean (speed) give scipy.ndimage's results exactly."""
+    """The shift-based box and cross dilations and 3x3 box mean (speed) give scipy.ndimage's results exactly."""
     from scipy import ndimage
 
     from diapipe import kernel as kmod
-    from diapipe.masks import grow_box
+    from diapipe.masks import grow_box, grow_cross
 
     rng = np.random.default_rng(4)
     for shape, half in [((37, 53), 1), ((37, 53), 2), ((37, 53), 7), ((64, 64), 40), ((5, 300), 3), ((120, 90), 16)]:
@@ -399,5 +399,7 @@ def test_mask_growth_and_box_mean_match_scipy():
         b[0, :3] = b[-1, -2:] = True  # edges: the window is clipped there, not shifted away
         want = ndimage.maximum_filter(b.astype(np.uint8), size=2 * half + 1).astype(bool)
         assert np.array_equal(grow_box(b, half), want), (shape, half)
+        for it in (1, 2):  # the cross dilation coadd's flux test uses
+            assert np.array_equal(grow_cross(b, it), ndimage.binary_dilation(b, iterations=it)), (shape, it)
     img = rng.normal(size=(33, 47)).astype(np.float32)
     np.testing.assert_allclose(kmod._box3_mean(img), ndimage.uniform_filter(img, 3), atol=1e-6)
