@@ -481,9 +481,11 @@ def _geometry(shape) -> tuple:
     return (nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)
 
 
-def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
+def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, include=None):
     """Stamp-level least squares for the spatial kernel, with iterative clipping of bad stamps.
 
+    ``include`` (bool per stamp) restricts the fit to those stamps, as if the system held
+    only them (the held-out folds use it rather than copying the per-stamp matrices).
     Returns (KernelSolution or None, reason).  ``None`` means too few stamps
     survived for this spatial order.
     """
@@ -493,6 +495,9 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
     a_loc, ksum_loc, chi_loc = _local_fits(sys)
     good = np.isfinite(ksum_loc) & np.isfinite(chi_loc) & (ksum_loc > 0)
     reason[~good] = "singular"
+    if include is not None:
+        reason[~include] = "excluded"
+        good &= include
     # kernel sums and local chi2: robust outliers are bad stamps (variables, blends, cosmics)
     if good.sum() >= 3:
         med = np.median(ksum_loc[good])
@@ -510,8 +515,10 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order):
     for _ in range(cfg.max_iter + 1):
         if good.sum() < min_needed:
             return None, f"{int(good.sum())} good stamps < {min_needed} needed for spatial order {spatial_order}"
-        A = A_all[good].sum(0)
-        B = B_all[good].sum(0)
+        # sums over the good stamps as one matrix-vector product (no copy of the stamp matrices)
+        gw = good.astype(A_all.dtype)
+        A = np.tensordot(gw, A_all, 1)
+        B = gw @ B_all
         # tiny ridge: delta bases and high orders can be degenerate
         ridge = cfg.regularization * np.trace(A) / len(A) + 1e-12 * np.trace(A) / len(A)
         try:
@@ -556,16 +563,6 @@ def _normal_equations(sys: StampSystem, lay: _Layout, geom):
     return sys.normal[key]
 
 
-def _subset(sys: StampSystem, idx, key=None) -> StampSystem:
-    """The stamps ``idx`` of a system, with its local fits and the normal equations of layout ``key``."""
-    normal = None
-    if key is not None and sys.normal is not None and key in sys.normal:
-        normal = {key: tuple(v[idx] for v in sys.normal[key])}
-    return StampSystem(sys.x[idx], sys.y[idx], sys.M[idx], sys.b[idx], sys.c[idx], sys.npix[idx],
-                       None if sys.M_raw is None else sys.M_raw[idx],
-                       None if sys.local is None else tuple(v[idx] for v in sys.local), normal)
-
-
 def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, nfold: int = 5) -> float:
     """Median reduced chi2 of stamps left out of the fit, over ``nfold`` folds of the stamps.
 
@@ -580,21 +577,17 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
     ns = len(sys.x)
     _local_fits(sys)  # once for all folds
     lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)  # and the normal equations
-    geom = _geometry(shape)
-    _normal_equations(sys, lay, geom)
-    key = _layout_key(lay, geom)
+    G = _normal_equations(sys, lay, _geometry(shape))[0]
     fold = np.arange(ns) % nfold
     chi = np.full(ns, np.nan)
     for k in range(nfold):
-        test, train = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
-        if not len(test):
+        test = fold == k
+        if not test.any():
             continue
-        sol, _ = fit_spatial(_subset(sys, train, key), basis, cfg, shape, spatial_order, bg_order)
+        sol, _ = fit_spatial(sys, basis, cfg, shape, spatial_order, bg_order, include=~test)
         if sol is None:
             return float("nan")
-        tk = poly_design(sys.x[test], sys.y[test], spatial_order, *geom)
-        tb = poly_design(sys.x[test], sys.y[test], bg_order, *geom)
-        chi[test] = _chi2_of(_subset(sys, test), sol.layout.G(tk, tb) @ sol.theta)
+        chi[test] = _chi2_of(sys, G @ sol.theta)[test]
     ok = np.isfinite(chi)
     return float(np.median(chi[ok])) if ok.any() else float("nan")
 
