@@ -453,3 +453,19 @@ def yaml_load(p):
     import yaml
 
     return yaml.safe_load(Path(p).read_text())
+
+
+def test_model_choice_treats_differences_within_the_standard_error_as_ties():
+    """CV MDR@FPR1% of 0.146 vs 0.154 on 1288 reals (s.e. 0.010) is a tie, which the higher AUC wins."""
+    from diapipe.realbogus import _choose_model
+
+    cv = {"hgb": {"auc": 0.9929, "mdr_at_fpr1": 0.146, "fpr_at_mdr1": 0.118, "n_real": 1288, "n_bogus": 355},
+          "rf": {"auc": 0.9941, "mdr_at_fpr1": 0.154, "fpr_at_mdr1": 0.096, "n_real": 1288, "n_bogus": 355}}
+    assert _choose_model(cv, ["hgb", "rf"], "mdr_at_fpr1") == "rf"
+    cv["rf"]["mdr_at_fpr1"] = 0.20  # 5 standard errors worse: the metric decides
+    assert _choose_model(cv, ["hgb", "rf"], "mdr_at_fpr1") == "hgb"
+    # FPR is a rate on the bogus: 0.118 vs 0.096 on 355 (s.e. 0.016) is not a tie; 0.105 is
+    cv["hgb"]["auc"] = 0.999
+    assert _choose_model(cv, ["hgb", "rf"], "fpr_at_mdr1") == "rf"
+    cv["hgb"]["fpr_at_mdr1"] = 0.105
+    assert _choose_model(cv, ["hgb", "rf"], "fpr_at_mdr1") == "hgb"
