@@ -60,6 +60,8 @@ DEFAULTS = {
     "merge_radius": 1.5,
     "grow": 1,
     "rescale_noise": True,
+    "mask_streaks": True,
+    "streak_min_length": 300,
 }
 
 
@@ -254,10 +256,205 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
         scale = noise_std
         nu /= np.float32(scale)
     thr = float(cfg["threshold"])
+    masks.clear_plane(diffexp.mask, "STREAK")
+    if cfg["mask_streaks"]:
+        # satellite and aircraft trails: light in one image only, long and straight; detecting
+        # along them gives a chain of bright bogus diaSources (LSST masks them as STREAK too)
+        streak = find_streaks(nu, valid, fwhm, float(cfg["streak_min_length"]))
+        if streak.any():
+            masks.set_plane(diffexp.mask, streak, "STREAK")
+            valid = valid & ~streak
+            log.info("masked %d streak pixels (STREAK plane); no detection there", int(streak.sum()))
     cands = _footprints(nu, valid, thr, cfg, fwhm, diffexp.mask)
     log.info("%d candidates above %.1f sigma (matched-filter noise %.3f x the variance plane's%s)",
              len(cands), thr, noise_std, ", rescaled" if scale != 1.0 else "")
     return Detections(cands, nu, thr, noise_std, int(valid.sum()), scale, valid)
+
+
+def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float = 3.0,
+                 max_streaks: int = 5) -> np.ndarray:
+    """Boolean map of pixels on long straight trails in a significance image ``nu``.
+
+    Pixels above ``level`` sigma are binned into blocks of ~1 FWHM; a Hough transform of
+    the blocks proposes lines, and a line is a streak where it runs covered (gaps of at
+    most 3 blocks) for at least ``min_length`` px: sources, even in a crowded field, line
+    up only by chance and over short runs; masked stretches do not break a run.  The line is
+    re-fitted to the trail's ridge, and the mask is the band within the trail's measured
+    half-width plus 2 FWHM, along the covered run plus 2 FWHM at each end.
+    Repeats for up to ``max_streaks`` trails.
+    """
+    ny, nx = nu.shape
+    out = np.zeros((ny, nx), bool)
+    b = max(2, int(round(fwhm)))
+    nyb, nxb = -(-ny // b), -(-nx // b)
+    hot = np.zeros((nyb * b, nxb * b), bool)
+    hot[:ny, :nx] = valid & (nu > level)
+    blocks = hot.reshape(nyb, b, nxb, b).any(axis=(1, 3))
+    # blocks that are mostly masked say nothing: a trail crossing a masked region is not broken
+    vpad = np.zeros((nyb * b, nxb * b), bool)
+    vpad[:ny, :nx] = valid
+    seen = vpad.reshape(nyb, b, nxb, b).mean(axis=(1, 3)) >= 0.5
+    min_blocks = min_length / b
+    if blocks.sum() < min_blocks:
+        return out
+    # chance that a block next to a line is set with no trail there (three blocks across it)
+    p_random = 1.0 - (1.0 - blocks.mean()) ** 3
+    if p_random > 0.3:  # so crowded that chance alignments run on: no trail can be told apart
+        log.warning("%.0f%% of the difference image is above %.0f sigma: no streak search", 100 * blocks.mean(), level)
+        return out
+    theta = np.deg2rad(np.arange(0.0, 180.0, 0.5))
+    cos, sin = np.cos(theta), np.sin(theta)
+    diag = int(np.ceil(np.hypot(nyb, nxb)))
+    for _ in range(max_streaks):
+        by, bx = np.nonzero(blocks)
+        if len(by) < min_blocks:
+            break
+        # votes[theta, rho]: blocks on the line x cos + y sin = rho (1-block bins)
+        rho = np.rint(np.outer(cos, bx) + np.outer(sin, by)).astype(np.int64) + diag
+        votes = np.zeros((len(theta), 2 * diag + 1), np.int64)
+        for k in range(len(theta)):
+            votes[k] = np.bincount(rho[k], minlength=2 * diag + 1)
+        k, r = np.unravel_index(int(np.argmax(votes)), votes.shape)
+        if votes[k, r] < min_blocks:
+            break
+        # the Hough line, refined on the blocks near it (its 0.5 deg steps drift by a block
+        # over a detector), then the covered run along the refined line
+        c, sn, rb = _refine_line(by, bx, cos[k], sin[k], float(r - diag))
+        seg = _covered_run(blocks, seen, c, sn, rb, nyb, nxb, p_random, min_blocks)
+        if seg is None or seg[1] - seg[0] < min_blocks:
+            break
+        # block coordinates -> pixels: x_px = (x_block + 0.5) b - 0.5
+        off = 0.5 * (b - 1)
+        band, half = _streak_band(nu, valid, level, c, sn, rb * b + off * (c + sn),
+                                  seg[0] * b + off * (c - sn), seg[1] * b + off * (c - sn), fwhm)
+        log.info("streak: normal angle %.2f deg, offset %.1f px, run %.0f-%.0f px along it, half-width %.0f px",
+                 np.degrees(np.arctan2(sn, c)), rb * b + off * (c + sn), seg[0] * b, seg[1] * b, half)
+        out |= band
+        # remove the trail's blocks and look for another
+        bb = np.zeros((nyb * b, nxb * b), bool)
+        bb[:ny, :nx] = band
+        blocks &= ~bb.reshape(nyb, b, nxb, b).any(axis=(1, 3))
+    return out
+
+
+def _refine_line(by, bx, c, s, rho, width: float = 2.0, iterations: int = 3):
+    """Least-squares line through the points within ``width`` of x c + y s = rho: (c, s, rho).
+
+    With n = (c, s) the normal and u = (-s, c) the direction, the offsets d = a + b t of the
+    near points (t along u) put the line at (rho + a) n + t (u + b n): its normal is n - b u.
+    """
+    for _ in range(iterations):
+        d = bx * c + by * s - rho
+        near = np.abs(d) <= width
+        if near.sum() < 10:
+            break
+        t = -bx[near] * s + by[near] * c
+        slope, icpt = np.polyfit(t, d[near], 1)
+        norm = np.hypot(1.0, slope)
+        c, s, rho = (c + slope * s) / norm, (s - slope * c) / norm, (rho + icpt) / norm
+    return c, s, rho
+
+
+def _covered_run(blocks, seen, c, s, rho, nyb, nxb, p_random: float, min_blocks: float, gap: int = 3):
+    """Longest run (t0, t1) along the line x c + y s = rho (t: position along it, blocks) where one
+    of the three blocks across the line is set, bridging gaps of up to ``gap`` blocks and any
+    stretch where those blocks are masked (not ``seen``).  The run must be covered densely
+    (set at >= 70% of its seen positions, and >= 3x the chance rate ``p_random``) and set at
+    >= min_blocks / 2 positions; None if no run is."""
+    # points along the line: foot of the perpendicular from the origin, then the direction (-s, c)
+    x0, y0 = rho * c, rho * s
+    t = np.arange(-np.hypot(nyb, nxb), np.hypot(nyb, nxb) + 1)
+    xs, ys = x0 - s * t, y0 + c * t
+    inside = (xs >= -0.5) & (xs < nxb - 0.5) & (ys >= -0.5) & (ys < nyb - 0.5)
+    t, xs, ys = t[inside], xs[inside], ys[inside]
+    if not len(t):
+        return None
+    hit = np.zeros(len(t), bool)
+    known = np.zeros(len(t), bool)
+    for o in (-1, 0, 1):  # across the line
+        ix = np.clip(np.rint(xs + o * c).astype(int), 0, nxb - 1)
+        iy = np.clip(np.rint(ys + o * s).astype(int), 0, nyb - 1)
+        hit |= blocks[iy, ix]
+        known |= seen[iy, ix]
+    idx = np.flatnonzero(hit | ~known)
+    if not len(idx):
+        return None
+    # split where the gap exceeds ``gap`` blocks; keep the longest dense run
+    breaks = np.flatnonzero(np.diff(idx) > gap + 1)
+    starts = np.r_[idx[0], idx[breaks + 1]]
+    ends = np.r_[idx[breaks], idx[-1]]
+    best = None
+    for a, e in zip(starts, ends):
+        nhit = int(hit[a:e + 1].sum())
+        frac = nhit / max(int((known | hit)[a:e + 1].sum()), 1)
+        if (nhit >= 0.5 * min_blocks and frac >= max(0.7, 3 * p_random)
+                and (best is None or e - a > best[1] - best[0])):
+            best = (a, e)
+    if best is None:
+        return None
+    return float(t[best[0]]), float(t[best[1]] + 1)
+
+
+def _streak_band(nu, valid, level, c, s, rho_px, t0_px, t1_px, fwhm):
+    """Pixels on the trail near the line x c + y s = rho_px (pixels), between t0_px - 2 FWHM and
+    t1_px + 2 FWHM along it (t as in ``_covered_run``, in pixels), and the trail's half-width.
+
+    The line is first re-fitted to the trail's ridge: in 64-px pieces along it, the peak of the
+    median cross-profile (median along the piece: sources beside the trail do not move it).
+    The half-width is where that median profile, over the whole run, falls below ``level``;
+    the band is the half-width plus 2 FWHM (a bright trail's wings, where its brightness or a
+    residual beside it lifts them, still reach the detection threshold 1 FWHM further out).
+    """
+    ny, nx = nu.shape
+    yy, xx = np.mgrid[:ny, :nx].astype(np.float32)
+    rmax = int(np.ceil(20 * fwhm))
+    w = int(np.ceil(4 * fwhm))
+    for _ in range(2):
+        d = xx * c + yy * s - rho_px  # perpendicular distance (px)
+        t = -xx * s + yy * c  # position along the line (px)
+        near = np.flatnonzero(valid & (np.abs(d) < w))
+        dn, tn, vn = d.ravel()[near], t.ravel()[near], nu.ravel()[near]
+        ts, ds = [], []
+        for a in np.arange(t0_px, t1_px, 64.0):
+            sel = (tn >= a) & (tn < a + 64)
+            if sel.sum() < 64:
+                continue
+            prof = _median_profile(np.rint(dn[sel]).astype(int) + w, vn[sel])
+            if np.nanmax(prof) < level:
+                continue
+            ts.append(a + 32.0)
+            ds.append(float(np.nanargmax(prof)) - w)
+        if len(ts) < 3:
+            break
+        ts, ds = np.asarray(ts), np.asarray(ds)
+        keep = np.ones(len(ts), bool)
+        for _ in range(3):  # drop pieces whose ridge a source or a masked gap moved
+            slope, icpt = np.polyfit(ts[keep], ds[keep], 1)
+            res = np.abs(ds - (icpt + slope * ts))
+            new = res <= max(2.0, 3 * 1.4826 * np.median(res[keep]))
+            if new.sum() < 3 or np.array_equal(new, keep):
+                break
+            keep = new
+        norm = np.hypot(1.0, slope)
+        c, s, rho_px = (c + slope * s) / norm, (s - slope * c) / norm, (rho_px + icpt) / norm
+    d = xx * c + yy * s - rho_px
+    t = -xx * s + yy * c
+    along = (t >= t0_px - 2 * fwhm) & (t <= t1_px + 2 * fwhm)
+    sel = along & valid & (np.abs(d) < rmax)
+    prof = _median_profile(np.rint(np.abs(d[sel])).astype(int), nu[sel])
+    below = np.flatnonzero(~(prof >= level))  # NaN (no pixels) counts as below
+    half = float(below[0]) if len(below) else float(rmax)
+    return along & (np.abs(d) <= half + 2 * fwhm), half
+
+
+def _median_profile(index, values) -> np.ndarray:
+    """Median of ``values`` per non-negative integer ``index`` (NaN where an index has none)."""
+    order = np.argsort(index, kind="stable")
+    index, values = index[order], values[order]
+    n = int(index.max()) + 1 if len(index) else 0
+    edges = np.searchsorted(index, np.arange(n + 1))
+    return np.array([np.median(values[edges[k]:edges[k + 1]]) if edges[k + 1] > edges[k] else np.nan
+                     for k in range(n)])
 
 
 def _peaks(nu, labels, n, sign):

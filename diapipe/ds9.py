@@ -51,6 +51,7 @@ MASK_COLOURS = {
     "DETECTED": "blue",
     "DETECTED_NEGATIVE": "purple",
     "INJECTED": "white",
+    "STREAK": "gold",
 }
 
 GOOD, BAD, UNSCORED, DIPOLE = "green", "red", "yellow", "magenta"

@@ -20,6 +20,7 @@ MASK_PLANES: dict[str, int] = {
     "DETECTED": 7,
     "DETECTED_NEGATIVE": 8,
     "INJECTED": 9,
+    "STREAK": 10,
 }
 
 #: Planes that mean "do not trust this pixel" for fitting and statistics.

@@ -232,3 +232,55 @@ def test_cli_writes_table_cutouts_and_mask(tmp_path):
     with fits.open(tmp_path / "m.fits") as h:
         m = h["MASK"].data
     assert masks.is_set(m, "DETECTED").any() and masks.is_set(m, "DETECTED_NEGATIVE").any()
+
+
+def _add_trail(image, x0, y0, angle_deg, flux_per_px, fwhm, length=None):
+    """A straight trail (Gaussian cross-profile of ``fwhm``) through (x0, y0); flux per px of length."""
+    ny, nx = image.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    a = np.deg2rad(angle_deg)
+    d = -(xx - x0) * np.sin(a) + (yy - y0) * np.cos(a)  # distance across
+    t = (xx - x0) * np.cos(a) + (yy - y0) * np.sin(a)  # along
+    sig = fwhm / 2.3548
+    prof = flux_per_px * np.exp(-0.5 * (d / sig) ** 2) / (np.sqrt(2 * np.pi) * sig)
+    if length is not None:
+        prof = np.where(np.abs(t) <= length / 2, prof, 0)
+    image += prof.astype(image.dtype)
+    return d, t
+
+
+@pytest.mark.parametrize("angle, flux", [(7.0, 400.0), (63.0, 120.0)])
+def test_streak_is_masked_and_not_detected_across_a_masked_gap(angle, flux):
+    """A satellite trail (bright, or faint: ~7 sigma per FWHM of length) crossing the frame and a
+    masked region: its pixels get STREAK and no diaSource sits on it; the point sources beside it stay."""
+    srcs = [(100.0, 400.0, 6000.0), (450.0, 90.0, 6000.0), (300.0, 300.0 + 30.0, 3000.0)]
+    e = make_diffexp((640, 640), FWHM, SIGMA, srcs, seed=31)
+    d, t = _add_trail(e.image, 320.0, 300.0, angle, flux, FWHM)
+    e.mask[:, 250:262] |= masks.bit("BAD")  # a masked stretch the trail crosses
+    det = detect.detect(e, {"threshold": 5.0})
+    streak = masks.is_set(e.mask, "STREAK")
+    on = (np.abs(d) < FWHM) & ~masks.is_set(e.mask, "BAD")
+    assert streak[on].mean() > 0.99
+    assert streak.mean() < 0.25  # a band, not the frame
+    peaks = [max(c.pos_peaks + c.neg_peaks, key=lambda q: abs(q[2])) for c in det.candidates]
+    on_trail = [p for p in peaks if abs(d[int(p[1]), int(p[0])]) < 3 * FWHM]
+    assert not on_trail
+    found = cKDTree([(p[0], p[1]) for p in peaks])
+    for x, y, _ in srcs[:2]:  # the sources away from the trail are still detected
+        assert found.query((x, y))[0] < 2
+
+
+def test_no_streak_in_a_field_of_point_sources_or_noise():
+    """Chance alignments of many sources (and short trails below streak_min_length) are not streaks."""
+    rng = np.random.default_rng(8)
+    srcs = [(x, y, f) for x, y, f in zip(rng.uniform(10, 630, 150), rng.uniform(10, 630, 150),
+                                         rng.uniform(500, 20000, 150))]
+    e = make_diffexp((640, 640), FWHM, SIGMA, srcs, seed=32)
+    _add_trail(e.image, 320.0, 320.0, 30.0, 400.0, FWHM, length=150.0)
+    nu = detect.detect(e, {"threshold": 5.0, "mask_streaks": False}).significance
+    assert 0.03 < np.mean(nu > 3) < 0.2  # crowded enough for chance alignments, not too crowded to search
+    detect.detect(e, {"threshold": 5.0})
+    assert not masks.is_set(e.mask, "STREAK").any()
+    # the same short trail is found when the minimum length allows it
+    detect.detect(e, {"threshold": 5.0, "streak_min_length": 100})
+    assert masks.is_set(e.mask, "STREAK").sum() > 100 * FWHM
