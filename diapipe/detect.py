@@ -290,10 +290,7 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
     hot = np.zeros((nyb * b, nxb * b), bool)
     hot[:ny, :nx] = valid & (nu > level)
     blocks = hot.reshape(nyb, b, nxb, b).any(axis=(1, 3))
-    # blocks that are mostly masked say nothing: a trail crossing a masked region is not broken
-    vpad = np.zeros((nyb * b, nxb * b), bool)
-    vpad[:ny, :nx] = valid
-    seen = vpad.reshape(nyb, b, nxb, b).mean(axis=(1, 3)) >= 0.5
+    seen = None
     min_blocks = min_length / b
     if blocks.sum() < min_blocks:
         return out
@@ -319,6 +316,11 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
             break
         # the Hough line, refined on the blocks near it (its 0.5 deg steps drift by a block
         # over a detector), then the covered run along the refined line
+        if seen is None:
+            # blocks that are mostly masked say nothing: a trail crossing a masked region is not broken
+            vpad = np.zeros((nyb * b, nxb * b), bool)
+            vpad[:ny, :nx] = valid
+            seen = vpad.reshape(nyb, b, nxb, b).mean(axis=(1, 3)) >= 0.5
         c, sn, rb = _refine_line(by, bx, cos[k], sin[k], float(r - diag))
         seg = _covered_run(blocks, seen, c, sn, rb, nyb, nxb, p_random, min_blocks)
         if seg is None or seg[1] - seg[0] < min_blocks:
