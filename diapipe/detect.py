@@ -289,7 +289,7 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
     nyb, nxb = -(-ny // b), -(-nx // b)
     hot = np.zeros((nyb * b, nxb * b), bool)
     hot[:ny, :nx] = valid & (nu > level)
-    blocks = hot.reshape(nyb, b, nxb, b).any(axis=(1, 3))
+    blocks = _block_any(hot, b)
     seen = None
     min_blocks = min_length / b
     if blocks.sum() < min_blocks:
@@ -300,14 +300,15 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
         log.warning("%.0f%% of the difference image is above %.0f sigma: no streak search", 100 * blocks.mean(), level)
         return out
     theta = np.deg2rad(np.arange(0.0, 180.0, 0.5))
-    cos, sin = np.cos(theta), np.sin(theta)
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
     diag = int(np.ceil(np.hypot(nyb, nxb)))
     for _ in range(max_streaks):
         by, bx = np.nonzero(blocks)
         if len(by) < min_blocks:
             break
         # votes[theta, rho]: blocks on the line x cos + y sin = rho (1-block bins)
-        rho = np.rint(np.outer(cos, bx) + np.outer(sin, by)).astype(np.int64) + diag
+        rho = (np.outer(cos, bx.astype(np.float32)) + np.outer(sin, by.astype(np.float32))
+               + np.float32(diag + 0.5)).astype(np.int32)  # rounded, offset to >= 0
         votes = np.zeros((len(theta), 2 * diag + 1), np.int64)
         for k in range(len(theta)):
             votes[k] = np.bincount(rho[k], minlength=2 * diag + 1)
@@ -335,8 +336,14 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
         # remove the trail's blocks and look for another
         bb = np.zeros((nyb * b, nxb * b), bool)
         bb[:ny, :nx] = band
-        blocks &= ~bb.reshape(nyb, b, nxb, b).any(axis=(1, 3))
+        blocks &= ~_block_any(bb, b)
     return out
+
+
+def _block_any(a: np.ndarray, b: int) -> np.ndarray:
+    """OR over b x b blocks of a boolean array whose sides are multiples of b (rows first: 3x faster)."""
+    nyb, nxb = a.shape[0] // b, a.shape[1] // b
+    return np.logical_or.reduce(a.reshape(nyb, b, nxb * b), axis=1).reshape(nyb, nxb, b).any(axis=2)
 
 
 def _refine_line(by, bx, c, s, rho, width: float = 2.0, iterations: int = 3):
