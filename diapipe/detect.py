@@ -259,8 +259,9 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
     masks.clear_plane(diffexp.mask, "STREAK")
     if cfg["mask_streaks"]:
         # satellite and aircraft trails: light in one image only, long and straight; detecting
-        # along them gives a chain of bright bogus diaSources (LSST masks them as STREAK too)
-        streak = find_streaks(nu, valid, fwhm, float(cfg["streak_min_length"]))
+        # along them gives a chain of bright bogus diaSources (LSST masks them as STREAK too).
+        # |nu|: a trail in the template, or a bad row, is a negative line
+        streak = find_streaks(np.abs(nu), valid, fwhm, float(cfg["streak_min_length"]))
         if streak.any():
             masks.set_plane(diffexp.mask, streak, "STREAK")
             valid = valid & ~streak
@@ -273,7 +274,7 @@ def detect(diffexp: Exposure, config: dict | None = None, scorr: np.ndarray | No
 
 def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float = 3.0,
                  max_streaks: int = 5) -> np.ndarray:
-    """Boolean map of pixels on long straight trails in a significance image ``nu``.
+    """Boolean map of pixels on long straight trails in a significance image ``nu`` (pass |nu| for both signs).
 
     Pixels above ``level`` sigma are binned into blocks of ~1 FWHM; a Hough transform of
     the blocks proposes lines, and a line is a streak where it runs covered (gaps of at

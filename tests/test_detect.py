@@ -249,10 +249,11 @@ def _add_trail(image, x0, y0, angle_deg, flux_per_px, fwhm, length=None):
     return d, t
 
 
-@pytest.mark.parametrize("angle, flux", [(7.0, 400.0), (63.0, 120.0)])
+@pytest.mark.parametrize("angle, flux", [(7.0, 400.0), (63.0, 120.0), (-20.0, -300.0)])
 def test_streak_is_masked_and_not_detected_across_a_masked_gap(angle, flux):
-    """A satellite trail (bright, or faint: ~7 sigma per FWHM of length) crossing the frame and a
-    masked region: its pixels get STREAK and no diaSource sits on it; the point sources beside it stay."""
+    """A satellite trail (bright, or faint: ~7 sigma per FWHM of length; or negative: a trail in the
+    template, a bad row) crossing the frame and a masked region: its pixels get STREAK and no
+    diaSource sits on it; the point sources beside it stay."""
     srcs = [(100.0, 400.0, 6000.0), (450.0, 90.0, 6000.0), (300.0, 300.0 + 30.0, 3000.0)]
     e = make_diffexp((640, 640), FWHM, SIGMA, srcs, seed=31)
     d, t = _add_trail(e.image, 320.0, 300.0, angle, flux, FWHM)
