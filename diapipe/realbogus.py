@@ -39,6 +39,7 @@ from threadpoolctl import threadpool_limits
 
 from . import masks
 from .fileio import DiapipeError, atomic_path, write_parquet, write_text
+from .stats import nanmedian_last
 
 log = logging.getLogger("diapipe.realbogus")
 
@@ -120,22 +121,10 @@ _LINE_ANGLES = np.linspace(0.0, np.pi, 16, endpoint=False)
 
 
 # --------------------------------------------------------------------------- features
-def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
-    """Median of each row of a (N, M) array ignoring NaNs (NaN for an all-NaN row); vectorised."""
-    s = np.sort(a, axis=1)  # NaNs sort to the end
-    cnt = np.isfinite(s).sum(axis=1)
-    lo = np.clip((cnt - 1) // 2, 0, None)
-    hi = np.clip(cnt // 2, 0, None)
-    rows = np.arange(len(s))
-    with np.errstate(invalid="ignore"):
-        med = 0.5 * (s[rows, lo] + s[rows, np.minimum(hi, s.shape[1] - 1)])
-    return np.where(cnt > 0, med, np.nan)
-
-
 def _robust_sigma(values: np.ndarray) -> np.ndarray:
     """1.4826 MAD per row of a (N, M) array with NaNs ignored; NaN if a row is empty."""
-    med = _nanmedian_rows(values)
-    return 1.4826 * _nanmedian_rows(np.abs(values - med[:, None]))
+    med = nanmedian_last(values)
+    return 1.4826 * nanmedian_last(np.abs(values - med[:, None]))
 
 
 def _gaussian_filter_fft(img: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -236,8 +225,8 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
 
     def sky_and_sigma(img):
         b = np.where(border[None] & finite, img, np.nan)
-        sky = _nanmedian_rows(flat(b))
-        sky = np.where(np.isfinite(sky), sky, _nanmedian_rows(flat(np.where(finite, img, np.nan))))
+        sky = nanmedian_last(flat(b))
+        sky = np.where(np.isfinite(sky), sky, nanmedian_last(flat(np.where(finite, img, np.nan))))
         sky = np.where(np.isfinite(sky), sky, 0.0)
         s = _robust_sigma(flat(np.where(outer0, img - sky[:, None, None], np.nan)))
         return sky, s
@@ -420,7 +409,7 @@ def _features_chunk(sci, ref, diff, fwhm, var, mask, tfwhm, refd) -> pd.DataFram
         for k in ("mask_bad_frac", "mask_sat_frac", "mask_cr_frac", "mask_edge_frac"):
             f[k] = np.full(n, np.nan)
     if var is not None:
-        mv = _nanmedian_rows(flat(np.where(good & np.isfinite(var) & (var > 0), var, np.nan)))
+        mv = nanmedian_last(flat(np.where(good & np.isfinite(var) & (var > 0), var, np.nan)))
         f["noise_ratio"] = sig_d / np.sqrt(mv)
     else:
         f["noise_ratio"] = np.full(n, np.nan)

@@ -110,6 +110,7 @@ from . import masks
 from .exposure import Exposure, MaskedImage
 from .fileio import DiapipeError
 from .psf import PixelPsf, poly_design, poly_terms
+from .stats import nanmedian_last
 
 log = logging.getLogger("diapipe.subtract")
 
@@ -287,7 +288,7 @@ def source_mask(image, variance, good, sigma: float, nsigma: float = 3.0, grow: 
     with np.errstate(invalid="ignore", divide="ignore"):
         binned = (tot / n).astype(np.float32)
     hb = cell // b
-    sky = _nanmedian_last(binned.reshape(cy, hb, cx, hb).transpose(0, 2, 1, 3).reshape(cy, cx, -1))
+    sky = nanmedian_last(binned.reshape(cy, hb, cx, hb).transpose(0, 2, 1, 3).reshape(cy, cx, -1))
     sky = np.where(np.isfinite(sky), sky, np.nanmedian(sky) if np.isfinite(sky).any() else 0.0)
     binned = np.nan_to_num(binned - np.repeat(np.repeat(sky.astype(np.float32), hb, 0), hb, 1))
     sm = ndimage.gaussian_filter(binned, sigma / b)
@@ -298,15 +299,6 @@ def source_mask(image, variance, good, sigma: float, nsigma: float = 3.0, grow: 
         gb = int(np.ceil(grow / b))
         src = ndimage.maximum_filter(src.view(np.uint8), size=2 * gb + 1).astype(bool)
     return np.repeat(np.repeat(src, b, 0), b, 1)[:ny, :nx]
-
-
-def _nanmedian_last(a: np.ndarray) -> np.ndarray:
-    """np.nanmedian(a, axis=-1) from one sort (NaN sorts last): ~5x faster for many short rows."""
-    srt = np.sort(a, axis=-1)
-    n = np.isfinite(a).sum(axis=-1)
-    lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[..., None], -1)[..., 0]
-    hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[..., None], -1)[..., 0]
-    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def residual_background(diff, good, order: int, cell: int = 0, min_blank: float = 0.2, clip: float = 4.0):

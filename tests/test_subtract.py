@@ -403,3 +403,20 @@ def test_mask_growth_and_box_mean_match_scipy():
             assert np.array_equal(grow_cross(b, it), ndimage.binary_dilation(b, iterations=it)), (shape, it)
     img = rng.normal(size=(33, 47)).astype(np.float32)
     np.testing.assert_allclose(kmod._box3_mean(img), ndimage.uniform_filter(img, 3), atol=1e-6)
+
+
+def test_nanmedian_last_equals_numpy():
+    """The one-sort NaN median (source-mask cells, real/bogus stamp statistics) is np.nanmedian."""
+    import warnings
+
+    from diapipe.stats import nanmedian_last
+
+    rng = np.random.default_rng(9)
+    a = rng.normal(size=(6, 7, 33)).astype(np.float32)
+    a[rng.random(a.shape) < 0.3] = np.nan
+    a[0, 0] = np.nan  # an all-NaN row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmedian(a, axis=-1)
+    assert np.array_equal(nanmedian_last(a), want, equal_nan=True)
+    assert np.array_equal(nanmedian_last(a.reshape(42, 33)), want.reshape(42), equal_nan=True)
