@@ -287,10 +287,8 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
     ny, nx = nu.shape
     out = np.zeros((ny, nx), bool)
     b = max(2, int(round(fwhm)))
-    nyb, nxb = -(-ny // b), -(-nx // b)
-    hot = np.zeros((nyb * b, nxb * b), bool)
-    hot[:ny, :nx] = valid & (nu > level)
-    blocks = _block_any(hot, b)
+    blocks = _block_any(valid & (nu > level), b)
+    nyb, nxb = blocks.shape
     seen = None
     min_blocks = min_length / b
     if blocks.sum() < min_blocks:
@@ -320,9 +318,7 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
         # over a detector), then the covered run along the refined line
         if seen is None:
             # blocks that are mostly masked say nothing: a trail crossing a masked region is not broken
-            vpad = np.zeros((nyb * b, nxb * b), bool)
-            vpad[:ny, :nx] = valid
-            seen = vpad.reshape(nyb, b, nxb, b).mean(axis=(1, 3)) >= 0.5
+            seen = _block_pad(valid, b).reshape(nyb, b, nxb, b).mean(axis=(1, 3)) >= 0.5
         c, sn, rb = _refine_line(by, bx, cos[k], sin[k], float(r - diag))
         seg = _covered_run(blocks, seen, c, sn, rb, nyb, nxb, p_random, min_blocks)
         if seg is None or seg[1] - seg[0] < min_blocks:
@@ -335,14 +331,21 @@ def find_streaks(nu, valid, fwhm: float, min_length: float = 300.0, level: float
                  np.degrees(np.arctan2(sn, c)), rb * b + off * (c + sn), seg[0] * b, seg[1] * b, half)
         out |= band
         # remove the trail's blocks and look for another
-        bb = np.zeros((nyb * b, nxb * b), bool)
-        bb[:ny, :nx] = band
-        blocks &= ~_block_any(bb, b)
+        blocks &= ~_block_any(band, b)
+    return out
+
+
+def _block_pad(a: np.ndarray, b: int) -> np.ndarray:
+    """A boolean image padded with False to sides that are multiples of b."""
+    ny, nx = a.shape
+    out = np.zeros((-(-ny // b) * b, -(-nx // b) * b), bool)
+    out[:ny, :nx] = a
     return out
 
 
 def _block_any(a: np.ndarray, b: int) -> np.ndarray:
-    """OR over b x b blocks of a boolean array whose sides are multiples of b (rows first: 3x faster)."""
+    """OR over b x b blocks of a boolean image (padded with False; rows first: 3x faster)."""
+    a = _block_pad(a, b)
     nyb, nxb = a.shape[0] // b, a.shape[1] // b
     return np.logical_or.reduce(a.reshape(nyb, b, nxb * b), axis=1).reshape(nyb, nxb, b).any(axis=2)
 
