@@ -454,6 +454,178 @@ def _normalise(sm, g2, wsum, valid, g2_scale):  # pragma: no cover
                 g2[y, x] = np.nan
 
 
+# ------------------------------------------------------- homogenisation
+def _data_box(w: Exposure):
+    """(x0, y0, x1, y1) bounding box of a warp's pixels with data."""
+    ok = ~masks.is_set(w.mask, "NO_DATA")
+    if not ok.any():
+        return 0, 0, w.shape[1], w.shape[0]
+    ys = np.flatnonzero(ok.any(axis=1))
+    xs = np.flatnonzero(ok.any(axis=0))
+    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+
+def _grid_points(box, grid: int):
+    x0, y0, x1, y1 = box
+    return [(float(x), float(y)) for y in np.linspace(y0, y1 - 1, grid) for x in np.linspace(x0, x1 - 1, grid)]
+
+
+def homogenization_target(warps: list[Exposure], margin: float = 1.15, grid: int = 5) -> np.ndarray:
+    """The common PSF (unit-sum stamp) every warp is matched to before stacking.
+
+    The broadest of the warps' PSF models over a ``grid`` x ``grid`` of points
+    (by FWHM), made 8-fold symmetric (so no visit's ellipticity is favoured)
+    and convolved with the Gaussian that widens its FWHM by ``margin``: every
+    visit is then matched by a convolution, never a deconvolution.
+    """
+    from .psf import spline_fwhm
+
+    best, best_fwhm = None, -1.0
+    for w in warps:
+        if w.psf is None:
+            continue
+        for x, y in _grid_points(_data_box(w), grid):
+            st = w.psf.image(x, y)
+            f = spline_fwhm(st)
+            if f > best_fwhm:
+                best, best_fwhm = st, f
+    if best is None:
+        raise ValueError("no warp carries a PSF to homogenise to")
+    sym = np.zeros_like(best)
+    for k in range(4):
+        r = np.rot90(best, k)
+        sym += r + r.T
+    sym /= 8
+    se = best_fwhm / 2.3548 * np.sqrt(max(margin**2 - 1.0, 0.0))
+    pad = int(np.ceil(4 * se))
+    t = ndimage.gaussian_filter(np.pad(sym, pad), se, mode="constant") if se > 0.05 else np.pad(sym, pad)
+    return t / t.sum()
+
+
+def matching_kernel(psf: np.ndarray, target: np.ndarray, reg: float = 1e-4) -> np.ndarray:
+    """Kernel K (target's size, unit sum) with psf (*) K = target: a Wiener-regularised Fourier ratio.
+
+    The target is broader than ``psf``, so T/P falls at high frequency and the
+    regulariser ``reg`` (relative to |P|^2 at zero frequency) only guards
+    against exact zeros of P.
+    """
+    ts = target.shape[0]
+    n = int(2 ** np.ceil(np.log2(2 * ts)))
+
+    def ft(a):
+        buf = np.zeros((n, n))
+        h = a.shape[0] // 2
+        buf[:a.shape[0], :a.shape[1]] = a
+        return np.fft.rfft2(np.roll(buf, (-h, -h), axis=(0, 1)))
+
+    P, T = ft(psf), ft(target)
+    p2 = np.abs(P) ** 2
+    k = np.fft.irfft2(T * np.conj(P) / (p2 + reg * p2.max()), s=(n, n))
+    h = ts // 2
+    k = np.roll(k, (h, h), axis=(0, 1))[:ts, :ts]
+    return k / k.sum()
+
+
+def homogenized_noise_acf(kernels, weights, half: int = 16) -> np.ndarray:
+    """Noise autocorrelation ((2 half + 1)^2, centre 1) of a coadd of homogenised warps.
+
+    Each warp's noise is white noise Lanczos-resampled once (the warp) and then
+    convolved with its matching kernel K_i, so its autocorrelation is
+    R_1 (*) (K_i * K_i); the coadd's is their mix with ``weights`` = w_i^2 x
+    pixel variance of the unconvolved warp.  Subtraction uses it instead of
+    fitting a resampling-only model, which does not describe smoothed noise.
+    """
+    from scipy import signal
+
+    from .subtract import resampling_noise_model
+
+    r1 = resampling_noise_model(1.0, half)
+    acc = np.zeros((2 * half + 1, 2 * half + 1))
+    for k, wt in zip(kernels, weights):
+        a = signal.correlate(k, k, mode="full")
+        c = a.shape[0] // 2
+        a = a[max(c - 2 * half, 0):c + 2 * half + 1, max(c - 2 * half, 0):c + 2 * half + 1]
+        full = signal.fftconvolve(a, r1, mode="same")
+        m = full.shape[0] // 2
+        acc += wt * full[m - half:m + half + 1, m - half:m + half + 1]
+    return acc / acc[half, half]
+
+
+def homogenize_warp(w: Exposure, target: np.ndarray, rejected: np.ndarray, grid: int = 5,
+                    order: int | None = None, taint_frac: float = 0.002) -> tuple[Exposure, np.ndarray, dict]:
+    """One warp convolved to the ``target`` PSF: (warp, rejected map, diagnostics).
+
+    The matching kernel is computed on a ``grid`` x ``grid`` of points from the
+    warp's PSF model and fitted as a polynomial of the PSF model's ``order``
+    (its square, for the variance, of twice the order); the image is convolved
+    once per polynomial term.  Input pixels that may not enter the coadd
+    (masked planes, rejected artefacts) taint every output pixel that takes
+    more than ``taint_frac`` of its kernel weight from them, and those join
+    the rejected map.  The PSF becomes
+    the target everywhere.  The variance plane is sum K^2 (*) variance times
+    the factor the warp's own resampling correlation adds; NOISECOR grows by
+    the inverse (a large aperture's variance does not change).
+    """
+    from . import kernel as kmod
+    from .psf import poly_design
+
+    if w.psf is None:
+        raise ValueError("warp has no PSF model to match")
+    order = w.psf.order if order is None else order
+    box = _data_box(w)
+    pts = _grid_points(box, grid)
+    ks = np.array([matching_kernel(w.psf.image(x, y), target) for x, y in pts])
+    x0, y0 = (box[0] + box[2] - 1) / 2, (box[1] + box[3] - 1) / 2
+    sx, sy = max((box[2] - box[0]) / 2, 1.0), max((box[3] - box[1]) / 2, 1.0)
+    xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    n = ks.shape[-1]
+
+    def fit(stamps, o):
+        A = poly_design(xs, ys, o, x0, y0, sx, sy)
+        coef, *_ = np.linalg.lstsq(A, stamps.reshape(len(stamps), -1), rcond=None)
+        return coef.reshape(A.shape[1], n, n)
+
+    kc, k2c = fit(ks, order), fit(ks**2, 2 * order)
+    bad = ~_valid(w) | rejected
+    img = np.where(np.isfinite(w.image), w.image, 0).astype(np.float32)
+    var = np.where(np.isfinite(w.variance) & (w.variance > 0), w.variance, 0).astype(np.float32)
+    half = n // 2
+
+    def convolve(a, comps, o):
+        conv = kmod.FFTConvolver(a, half)
+        out = np.zeros(a.shape, np.float32)
+        for m, t in kmod.poly_maps(o, a.shape, x0, y0, sx, sy):
+            cm = conv.convolve(comps[m].astype(np.float32))
+            out += cm if m == 0 else t * cm
+        return out
+
+    image_h = convolve(img, kc, order)
+    kc0 = matching_kernel(w.psf.image(x0, y0), target)
+    # sum K^2 (*) var holds for independent pixels; a warp's are correlated by its Lanczos resampling
+    # (R_1), so a pixel of K (*) warp has sum_lag (K*K)(lag) R_1(lag) x var: that factor over sum K^2
+    from scipy import signal
+
+    from .subtract import resampling_noise_model
+
+    acf_k = signal.correlate(kc0, kc0, mode="full")
+    c, hr = acf_k.shape[0] // 2, 8
+    corr = float((acf_k[c - hr:c + hr + 1, c - hr:c + hr + 1] * resampling_noise_model(1.0, hr)).sum() / acf_k[c, c])
+    var_h = np.maximum(convolve(var, k2c, 2 * order), 0) * np.float32(corr)
+    # an output pixel is tainted when more than taint_frac of its kernel weight (sum |K|) sits on
+    # pixels that may not enter: one interpolated cosmic ray taints a few px, a saturated core more
+    a = np.abs(kc0) / np.abs(kc0).sum()
+    taint = (convolve(bad.astype(np.float32), a[None], 0) > taint_frac) if bad.any() else bad
+    meta = dict(w.metadata)
+    sk2 = float((kc0**2).sum())
+    # large apertures keep the warp's noise; pixels have sum K^2 x corr of it
+    meta["NOISECOR"] = float(meta.get("NOISECOR", 1.0)) / (sk2 * corr)
+    diag = {"visit": meta.get("visit"), "taint_frac": float(taint.mean()), "sum_k2": sk2, "kernel": kc0,
+            "neg_frac": float(np.max([np.abs(k).sum() - 1 for k in ks]))}
+    out = Exposure(MaskedImage(image_h, w.mask.copy(), var_h), wcs=w.wcs, psf=PixelPsf.constant(target),
+                   metadata=meta)
+    return out, rejected | taint, diag
+
+
 # ---------------------------------------------------------------- stack
 def visit_weights(warps: list[Exposure], weighting: str = "variance", median_var=None) -> np.ndarray:
     """One weight per warp: 1/median variance, or 1/(median variance x FWHM^2) for 'psf'.
@@ -509,6 +681,7 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
                    nsigma_low: float = 2.5, ampfrac: float = 0.5, matched_ampfrac: float = 0.2,
                    grow: int | None = None, psf_order: int = 1,
                    psf_grid: int = 5, mask_threshold: float = 0.5, sat_threshold: float = 0.1,
+                   homogenize: bool = False, homogenize_margin: float = 1.15, target_psf=None,
                    data_id: dict | None = None,
                    rejected: list | None = None) -> Exposure:
     """Weighted-mean coadd of warps on one patch, with artefact rejection and its PSF.
@@ -519,6 +692,15 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     ``sat_threshold``, as LSST's maskPropagationThresholds), a PixelPsf, and the inputs
     listed in the metadata (INPUT<k> = visit, WEIGHT<k>), and an extra image
     HDU NIMAGE with the number of visits used per pixel.
+
+    ``homogenize``: after artefact rejection every warp is convolved to one
+    common PSF (``homogenization_target``, ``homogenize_margin`` x the broadest
+    input FWHM), so the coadd PSF is the same wherever fewer visits cover (a
+    plain mean's PSF steps there, which no smooth subtraction kernel follows).
+    ``target_psf`` (a unit-sum stamp) overrides that choice: give every patch
+    of a band the same one (``homogenization_target`` over all their warps), or
+    the templates of neighbouring patches would differ in PSF at their seams.
+    The visit weights stay those of the unconvolved warps.
     """
     warps = [w for w in warps if w.metadata.get("COVERAGE", 1.0) > 0 and (~masks.is_set(w.mask, "NO_DATA")).any()]
     if not warps:
@@ -535,6 +717,26 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
         rejected = find_artefacts(warps, nsigma=nsigma, nsigma_low=nsigma_low, ampfrac=ampfrac,
                                   matched_ampfrac=matched_ampfrac, grow=grow) \
             if reject else [np.zeros(shape, bool) for _ in warps]
+    rejfrac = float(np.mean([r.mean() for r in rejected]))  # artefacts only, before homogenisation's taint
+    homog = None
+    if homogenize and any(w.psf is not None for w in warps):
+        target = (np.asarray(target_psf, float) / np.sum(target_psf) if target_psf is not None
+                  else homogenization_target(warps, margin=homogenize_margin, grid=psf_grid))
+        out, rej2, diags = [], [], []
+        for w, rej in zip(warps, rejected):
+            if w.psf is None:
+                raise DiapipeError("cannot homogenise a warp without a PSF model", None,
+                                   {**(data_id or {}), "visit": w.metadata.get("visit")})
+            hw, hr, dg = homogenize_warp(w, target, np.asarray(rej, bool), grid=psf_grid)
+            out.append(hw)
+            rej2.append(hr)
+            diags.append(dg)
+            log.info("homogenised visit %s: tainted fraction %.4f, sum K^2 %.3f, sum|K|-1 %.3f",
+                     dg["visit"], dg["taint_frac"], dg["sum_k2"], dg["neg_frac"])
+        warps, rejected = out, rej2
+        mv0 = mv  # the unconvolved warps' pixel variances set the noise mix
+        mv = np.array([_median_valid_variance(w) for w in warps])
+        homog = (target, diags)
     num = np.zeros(shape)
     den = np.zeros(shape)
     vnum = np.zeros(shape)
@@ -589,7 +791,20 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     cw = wts / wts.sum()
     ncor = np.array([float(w.metadata.get("NOISECOR", 1.0)) for w in warps])
     meta["NOISECOR"] = float(np.sum(cw**2 * mv * ncor) / max(np.sum(cw**2 * mv), 1e-300))
-    meta["REJFRAC"] = float(np.mean([r.mean() for r in rejected]))
+    meta["REJFRAC"] = rejfrac
+    meta["HOMOGEN"] = homog is not None
+    extra = []
+    if homog is not None:
+        acf = homogenized_noise_acf([d["kernel"] for d in homog[1]], wts ** 2 * np.where(np.isfinite(mv0), mv0, 0))
+        h = fits.ImageHDU(acf.astype(np.float32), name="NOISEACF")
+        h.header["COMMENT"] = "predicted noise autocorrelation (centre 1): homogenisation kernels x one Lanczos warp"
+        h.header["NRESAMP"] = (1, "Lanczos resamplings included")
+        extra.append(h)
+    if homog is not None:
+        from .psf import spline_fwhm
+
+        meta["HOMFWHM"] = spline_fwhm(homog[0])  # px, the common PSF's
+        meta["HOMNEG"] = max(d["neg_frac"] for d in homog[1])  # sum|K| - 1: 0 for a positive kernel
     if psf is not None:
         yc, xc = np.argwhere(good).mean(axis=0) if good.any() else (shape[0] / 2, shape[1] / 2)
         from .warp import pixel_scale_arcsec, psf_fwhm
@@ -602,7 +817,7 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     hdr = wcs.to_header()
     hdr["COMMENT"] = "number of input visits used per pixel"
     nim = fits.ImageHDU(nimage, header=hdr, name="NIMAGE")
-    return Exposure(MaskedImage(image, mask, variance), wcs=wcs.deepcopy(), psf=psf, metadata=meta, extra_hdus=[nim])
+    return Exposure(MaskedImage(image, mask, variance), wcs=wcs.deepcopy(), psf=psf, metadata=meta, extra_hdus=[nim] + extra)
 
 
 def coadd_psf(warps, wts, used_maps, order: int = 1, grid: int = 5) -> PixelPsf | None:
@@ -704,8 +919,26 @@ def template_for(calexp: Exposure, coadds: list[Exposure], *, psf_order: int = 2
         from .warp import psf_fwhm
 
         meta["PSFFWHM"] = psf_fwhm(out.psf, shape[1] / 2, shape[0] / 2)
+    acfs = [h for c in coadds for h in c.extra_hdus if h.name == "NOISEACF"]
+    if acfs:
+        out.extra_hdus = [resampled_acf(acfs[0])]
     out.metadata = meta
     return out
+
+
+def resampled_acf(hdu) -> fits.ImageHDU:
+    """A NOISEACF HDU after one more Lanczos resampling (coadd -> calexp grid)."""
+    from scipy import signal
+
+    from .subtract import resampling_noise_model
+
+    a = np.asarray(hdu.data, float)
+    half = a.shape[0] // 2
+    out = signal.fftconvolve(a, resampling_noise_model(1.0, half), mode="same")
+    out /= out[half, half]
+    h = fits.ImageHDU(out.astype(np.float32), header=hdu.header.copy(), name="NOISEACF")
+    h.header["NRESAMP"] = (int(hdu.header.get("NRESAMP", 0)) + 1, "Lanczos resamplings included")
+    return h
 
 
 # ------------------------------------------------------------------ CLI
@@ -741,6 +974,36 @@ def coadd_from_files(warp_paths, output, *, mode="best_seeing", visits=None, mjd
     co = assemble_coadd(use, data_id=data_id, **kwargs)
     co.write(output)
     return co
+
+
+def target_psf_files(warp_paths_by_patch: dict, output, *, mode="best_seeing", visits=None, mjd_min=None,
+                     mjd_max=None, n_best=5, margin: float = 1.15, grid: int = 5, band=None) -> np.ndarray:
+    """The band's common homogenisation PSF from every patch's selected warps; written as a FITS stamp.
+
+    One target for all patches, so templates of neighbouring patches have the
+    same PSF at their seams.  Patches whose selection is empty are skipped.
+    """
+    from .fileio import write_fits
+    from .psf import spline_fwhm
+
+    chosen = []
+    for patch, paths in warp_paths_by_patch.items():
+        warps = [w for w in (Exposure.read(p) for p in paths) if w.metadata.get("COVERAGE", 1.0) > 0]
+        try:
+            keep = select_visits([describe_warp(w) for w in warps], mode=mode, visits=visits, mjd_min=mjd_min,
+                                 mjd_max=mjd_max, n_best=n_best, band=band, data_id={"band": band, "patch": patch})
+        except DiapipeError:
+            continue
+        chosen += [w for w in warps if int(w.metadata["visit"]) in keep and w.psf is not None]
+    if not chosen:
+        raise DiapipeError("no selected template warp with a PSF to homogenise to", None, {"band": band})
+    target = homogenization_target(chosen, margin=margin, grid=grid)
+    hdu = fits.PrimaryHDU(target.astype(np.float32))
+    hdu.header["BAND"] = band
+    hdu.header["HOMFWHM"] = (spline_fwhm(target), "px, FWHM of the common PSF")
+    hdu.header["MARGIN"] = (margin, "FWHM factor over the broadest input PSF")
+    write_fits(fits.HDUList([hdu]), output)
+    return target
 
 
 def template_files(calexp_path, coadd_paths, output, skymap=None, **kwargs) -> Exposure:

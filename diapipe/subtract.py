@@ -676,7 +676,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
     noise_hdr = {}
     if cfg.empirical_noise:
         scale_s, rho_s, nres_s = _input_noise(sci, vs, science.mask, nodata_s, "science", science_path, data_id)
-        scale_t, rho_t, nres_t = _input_noise(tpl, vt, template.mask, nodata_t, "template", template_path, data_id)
+        scale_t, rho_t, nres_t = _input_noise(tpl, vt, template.mask, nodata_t, "template", template_path, data_id,
+                                              acf=_carried_acf(template))
         noise_hdr = {
             "SVARSCAL": (round(scale_s, 5), "science variance plane x this (measured on blank sky)"),
             "TVARSCAL": (round(scale_t, 5), "template variance plane x this (measured on blank sky)"),
@@ -925,15 +926,37 @@ def _corr_sum(rho) -> float:
     return 1.0 if rho is None else round(float(rho.sum()), 4)
 
 
-def _input_noise(img, var, mask, nodata, which, path, data_id):
-    """(variance scale, noise autocorrelation) of one input over its blank sky; (1, None) if unmeasurable."""
+def _carried_acf(exp) -> np.ndarray | None:
+    """The noise autocorrelation an input carries (NOISEACF HDU of a homogenised template), cropped."""
+    for h in getattr(exp, "extra_hdus", []) or []:
+        if h.name == "NOISEACF":
+            a = np.asarray(h.data, float)
+            c, k = a.shape[0] // 2, NOISE_CORR_HALF
+            if c >= k:
+                a = a[c - k:c + k + 1, c - k:c + k + 1]
+                return a / a[k, k]
+    return None
+
+
+def _input_noise(img, var, mask, nodata, which, path, data_id, acf=None):
+    """(variance scale, noise autocorrelation) of one input over its blank sky; (1, None) if unmeasurable.
+
+    ``acf``: the autocorrelation the input carries (a homogenised template's NOISEACF); it
+    is used as the noise model, and only the variance scale is measured.
+    """
     good = ~nodata & ~masks.is_set(mask, *masks.BAD_PLANES, "INTRP", "DETECTED", "DETECTED_NEGATIVE", "INJECTED")
     try:
         scale, rho_meas, frac = measure_noise(img, var, good)
     except ValueError as exc:
         log.warning("%s %s: noise not measured (%s); its variance plane is taken as white and right",
                     which, data_id, exc)
-        return 1.0, None, 0.0
+        return (1.0, acf, -1.0) if acf is not None else (1.0, None, 0.0)
+    if acf is not None:
+        h, hm = NOISE_CORR_HALF, rho_meas.shape[0] // 2
+        log.info("%s %s: blank-sky noise^2 / variance = %.4f, carried noise correlation rho(1 px) %.3f "
+                 "(measured %.3f; sum %.3f) on %.0f%% of the pixels", which, data_id, scale, acf[h, h + 1],
+                 rho_meas[hm, hm + 1], _corr_sum(acf), 100 * frac)
+        return scale, acf, -1.0
     # the measured stamp is noisy and biased upward at every lag by faint-source light (a sum over
     # 289 lags adds that up): its strong short lags fix the resampling model, which is used instead
     nres, misfit = fit_resampling_model(rho_meas, return_misfit=True)

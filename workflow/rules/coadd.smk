@@ -11,10 +11,41 @@
 COADD = config["coadd"]
 
 
+rule template_psf:
+    """The band's common PSF for homogenised coadds (coadd.homogenize): one for every patch."""
+    input:
+        warps=lambda wc: [p for ps in band_pool_warps(wc).values() for p in ps],
+    output:
+        psf=path("template_psf"),
+    log:
+        log_path("template_psf", band="{band}"),
+    benchmark:
+        bench_path("template_psf", band="{band}")
+    conda:
+        "../../envs/coadd.yaml"
+    threads: 1
+    resources:
+        # one patch's pool of warps at a time
+        mem_mb=lambda wc: 1000
+        + int(
+            (SKYMAP["patch_size"] + 2 * SKYMAP["overlap"]) ** 2
+            * 10
+            * max([1] + [len(v) for v in band_pool_warps(wc).values()])
+            / 1e6
+        ),
+        runtime=15,
+    params:
+        warps_by_patch=band_pool_warps,
+        coadd=COADD,
+    script:
+        "../scripts/template_psf.py"
+
+
 rule coadd:
     """Template of one band on one patch from the selected visits' warps."""
     input:
         warps=coadd_warps,
+        target_psf=coadd_target_psf,
     output:
         template=path("template"),
     log:

@@ -5,6 +5,7 @@
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(workflow.basedir)
 # Jobs (local, conda or SLURM) import the library from this checkout.
@@ -266,6 +267,19 @@ def coadd_warps(wildcards):
         path("warp", band=wildcards.band, patch=wildcards.patch, visit=v)
         for v in coadd_pool(wildcards.band, wildcards.patch)
     ]
+
+
+def band_pool_warps(wildcards):
+    """{patch: [warp paths]} of the band's template pool on every patch (the common PSF's inputs)."""
+    return {
+        p: coadd_warps(SimpleNamespace(band=wildcards.band, patch=p))
+        for p in OVERLAPS.patches_in_band(wildcards.band)
+    }
+
+
+def coadd_target_psf(wildcards):
+    """The band's common PSF when coadds are homogenised, else nothing."""
+    return [path("template_psf", band=wildcards.band)] if COADD["homogenize"] else []
 
 
 def template_coadds(wildcards):

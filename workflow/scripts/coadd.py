@@ -2,6 +2,8 @@
 
 import sys
 
+from astropy.io import fits
+
 from diapipe import logs
 from diapipe.coadd import coadd_from_files
 from diapipe.fileio import DiapipeError
@@ -33,6 +35,9 @@ try:
         psf_grid=c["psf_grid"],
         mask_threshold=c["mask_threshold"],
         sat_threshold=c["sat_threshold"],
+        homogenize=c["homogenize"],
+        homogenize_margin=c["homogenize_margin"],
+        target_psf=fits.getdata(sm.input.target_psf[0]) if sm.input.target_psf else None,
     )
     log.info("coadd of visits %s, seeing %.3f arcsec", co.metadata["VISITS"], co.metadata.get("SEEING", float("nan")))
 except DiapipeError as err:
