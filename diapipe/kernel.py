@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
@@ -144,29 +145,80 @@ def find_peaks(image, sigma, bad, nsigma: float, border: int, return_smoothed: b
     """Local maxima (3x3 box-smoothed) above ``nsigma`` x local noise; returns x, y, peak.
 
     Cheaper than a full segmentation on a 4k x 4k image: only pixels above
-    threshold are examined.
+    threshold are examined (one compiled pass for the smoothing, one for the peaks).
     """
-    img = np.where(bad, 0.0, image).astype(np.float32)
-    sm = _box3_mean(img)
+    img = np.asarray(image, np.float32)
+    bad = np.asarray(bad, bool)
+    sm = np.empty(img.shape, np.float32)
+    _box3_masked(img, bad, sm)
     thr = nsigma * sigma / 3.0  # noise of a 3x3 mean is sigma/3
-    ys, xs = np.nonzero(sm > thr if np.ndim(thr) == 0 else sm > thr)
-    ny, nx = img.shape
+    # float64 holds the threshold exactly as numpy computed it (float32 for a float32 map)
+    thr_map = np.asarray(thr, np.float64) if np.ndim(thr) else np.full((1, 1), thr, np.float64)
     border = max(int(border), 2)  # the local-maximum test looks 2 px around
-    keep = (xs >= border) & (xs < nx - border) & (ys >= border) & (ys < ny - border)
-    ys, xs = ys[keep], xs[keep]
-    if len(xs) == 0:
-        return (xs, ys, np.zeros(0), sm) if return_smoothed else (xs, ys, np.zeros(0))
-    v = sm[ys, xs]
-    is_max = np.ones(len(xs), bool)
-    for dy in (-2, -1, 0, 1, 2):
-        for dx in (-2, -1, 0, 1, 2):
-            if dx == 0 and dy == 0:
+    xs, ys, pk = _local_maxima(sm, img, bad, np.broadcast_to(thr_map, img.shape) if np.ndim(thr) else thr_map,
+                               np.ndim(thr) > 0, border)
+    return (xs, ys, pk, sm) if return_smoothed else (xs, ys, pk)
+
+
+@numba.njit(cache=True, nogil=True)
+def _box3_masked(img, bad, out):  # pragma: no cover
+    """out = _box3_mean(where(bad, 0, img)), the same float32 sums in the same order."""
+    ny, nx = img.shape
+    rows = np.empty((ny, nx + 2), np.float32)
+    zero = np.float32(0.0)
+    for y in range(ny):
+        ym = y - 1 if y > 0 else 0
+        yp = y + 1 if y < ny - 1 else ny - 1
+        for xp in range(nx + 2):
+            x = min(max(xp - 1, 0), nx - 1)
+            a = zero if bad[ym, x] else img[ym, x]
+            b = zero if bad[y, x] else img[y, x]
+            c = zero if bad[yp, x] else img[yp, x]
+            rows[y, xp] = a + b + c
+    k = np.float32(1.0 / 9.0)
+    for y in range(ny):
+        for x in range(nx):
+            out[y, x] = (rows[y, x] + rows[y, x + 1] + rows[y, x + 2]) * k
+
+
+@numba.njit(cache=True, nogil=True)
+def _local_maxima(sm, img, bad, thr, per_pixel, border):  # pragma: no cover
+    """Pixels of ``sm`` above threshold, at least ``border`` px inside, that beat their 5x5
+    neighbours (ties: the first of equal neighbours), in row-major order; their image value."""
+    ny, nx = sm.shape
+    n = 0
+    flags = np.zeros(sm.shape, np.bool_)
+    for y in range(border, ny - border):
+        for x in range(border, nx - border):
+            v = sm[y, x]
+            t = thr[y, x] if per_pixel else thr[0, 0]
+            if not v > t:
                 continue
-            nb = sm[ys + dy, xs + dx]
-            # ties: keep the first of equal neighbours only
-            is_max &= (v > nb) | ((v == nb) & ((dy > 0) | ((dy == 0) & (dx > 0))))
-    out = xs[is_max], ys[is_max], img[ys[is_max], xs[is_max]]
-    return (*out, sm) if return_smoothed else out
+            ok = True
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    if dx == 0 and dy == 0:
+                        continue
+                    nb = sm[y + dy, x + dx]
+                    if not ((v > nb) or ((v == nb) and ((dy > 0) or ((dy == 0) and (dx > 0))))):
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok:
+                flags[y, x] = True
+                n += 1
+    xs = np.empty(n, np.int64)
+    ys = np.empty(n, np.int64)
+    pk = np.empty(n, np.float32)
+    k = 0
+    for y in range(border, ny - border):
+        for x in range(border, nx - border):
+            if flags[y, x]:
+                xs[k], ys[k] = x, y
+                pk[k] = np.float32(0.0) if bad[y, x] else img[y, x]
+                k += 1
+    return xs, ys, pk
 
 
 def _box3_mean(img: np.ndarray) -> np.ndarray:

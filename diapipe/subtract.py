@@ -99,6 +99,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+import numba
 import numpy as np
 import scipy.fft as sfft
 from astropy.io import fits
@@ -301,6 +302,45 @@ def source_mask(image, variance, good, sigma: float, nsigma: float = 3.0, grow: 
     return np.repeat(np.repeat(src, b, 0), b, 1)[:ny, :nx]
 
 
+@numba.njit(cache=True, nogil=True)
+def _cell_medians(diff, ok, cell, min_blank, med_map, n_map):  # pragma: no cover
+    """Per mesh cell: the median of the ``ok`` pixels after one 3-sigma (MAD) clipping pass.
+
+    Cells with fewer than max(50, min_blank x cell area) pixels stay NaN (one pass over
+    the image instead of ~3 numpy medians per cell).
+    """
+    ny, nx = diff.shape
+    buf = np.empty(cell * cell, np.float32)
+    dev = np.empty(cell * cell, np.float32)
+    for cy in range(med_map.shape[0]):
+        for cx in range(med_map.shape[1]):
+            y0, x0 = cy * cell, cx * cell
+            y1, x1 = min(y0 + cell, ny), min(x0 + cell, nx)
+            n = 0
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    if ok[y, x]:
+                        buf[n] = diff[y, x]
+                        n += 1
+            if n < max(50, min_blank * (y1 - y0) * (x1 - x0)):
+                continue
+            v = buf[:n]
+            med = np.median(v)
+            for i in range(n):
+                dev[i] = abs(v[i] - med)
+            sig = 1.4826 * np.median(dev[:n])
+            if sig > 0:
+                m = 0
+                for i in range(n):
+                    if abs(v[i] - med) < 3.0 * sig:
+                        dev[m] = v[i]
+                        m += 1
+                med = np.median(dev[:m])
+                n = m
+            med_map[cy, cx] = med
+            n_map[cy, cx] = n
+
+
 def residual_background(diff, good, order: int, cell: int = 0, min_blank: float = 0.2, clip: float = 4.0):
     """Differential background left in a difference image, measured on its blank sky.
 
@@ -322,29 +362,18 @@ def residual_background(diff, good, order: int, cell: int = 0, min_blank: float 
     ny, nx = diff.shape
     cell = cell or int(np.clip(min(nx, ny) // 16, 32, 256))
     ok = good & np.isfinite(diff)
-    xs, ys, meds, ns = [], [], [], []
-    for y0 in range(0, ny, cell):
-        for x0 in range(0, nx, cell):
-            sl = (slice(y0, min(y0 + cell, ny)), slice(x0, min(x0 + cell, nx)))
-            m = ok[sl]
-            n = int(m.sum())
-            if n < max(50, min_blank * m.size):
-                continue
-            v = diff[sl][m]
-            med = np.median(v)
-            # one clipping pass: undetected transients and subtraction residuals are sparse outliers
-            sig = 1.4826 * np.median(np.abs(v - med))
-            if sig > 0:
-                v = v[np.abs(v - med) < 3.0 * sig]
-                med = np.median(v)
-            xs.append(x0 + (sl[1].stop - x0 - 1) / 2.0)
-            ys.append(y0 + (sl[0].stop - y0 - 1) / 2.0)
-            meds.append(med)
-            ns.append(len(v))
+    cy, cx = -(-ny // cell), -(-nx // cell)
+    med_map = np.full((cy, cx), np.nan)
+    n_map = np.zeros((cy, cx), np.int64)
+    _cell_medians(np.asarray(diff, np.float32), ok, cell, min_blank, med_map, n_map)
+    use_cell = np.isfinite(med_map)
+    iy, ix = np.nonzero(use_cell)
+    xs = ix * cell + (np.minimum((ix + 1) * cell, nx) - ix * cell - 1) / 2.0
+    ys = iy * cell + (np.minimum((iy + 1) * cell, ny) - iy * cell - 1) / 2.0
+    meds, ns = med_map[use_cell], n_map[use_cell]
     info = {"median": 0.0, "rms": float("nan"), "ncell": len(meds), "order": -1}
-    if not meds:
+    if not len(meds):
         return None, info
-    xs, ys, meds, ns = map(np.asarray, (xs, ys, meds, ns))
     # the order the cells can carry: 3 cells per polynomial term, else a lower order
     while order > 0 and len(meds) < 3 * len(poly_terms(order)):
         order -= 1
@@ -380,7 +409,7 @@ MAX_MODEL_MISFIT = 0.03
 MAX_NOISE_RHO1 = 0.5
 #: At most this many pixels (a central window) enter the noise measurement: the
 #: correlation is local, and 1 Mpx give each coefficient to ~0.001.
-NOISE_MAX_PIXELS = 1 << 20
+NOISE_MAX_PIXELS = 1 << 19
 
 
 def _robust_var(values) -> float:
@@ -488,6 +517,17 @@ def resampling_noise_model(nresamp: float, half: int = NOISE_CORR_HALF, a: int =
     return r / r[half, half]
 
 
+@functools.lru_cache(maxsize=4)
+def _resampling_model_grid(half: int, a: int = 3) -> np.ndarray:
+    """resampling_noise_model(p, half) for p = 0, 0.05, ..., 4 (81 x (2 half + 1)^2), in one FFT call."""
+    grid = np.linspace(0.0, 4.0, 81)
+    n = 8 * (half + 4)
+    P = _lanczos_power(n, a)[None] ** grid[:, None, None]
+    r = np.real(np.fft.ifft2(P, axes=(1, 2)))
+    r = np.roll(r, (half, half), axis=(1, 2))[:, : 2 * half + 1, : 2 * half + 1]
+    return r / r[:, half, half][:, None, None]
+
+
 def fit_resampling_model(rho: np.ndarray, reach: int = 2, return_misfit: bool = False):
     """Number of Lanczos-3 resamplings whose noise correlation best matches a measured one.
 
@@ -504,7 +544,7 @@ def fit_resampling_model(rho: np.ndarray, reach: int = 2, return_misfit: bool = 
     use = np.ones(meas.shape, bool)
     use[reach, reach] = False
     grid = np.linspace(0.0, 4.0, 81)
-    cost = [np.sum((resampling_noise_model(p, reach)[use] - meas[use]) ** 2) for p in grid]
+    cost = list(np.sum((_resampling_model_grid(reach)[:, use] - meas[use]) ** 2, axis=1))
     k = int(np.argmin(cost))
     best = float(grid[k])
     if 0 < k < len(grid) - 1:  # parabola through the minimum
