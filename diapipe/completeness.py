@@ -34,6 +34,8 @@ log = logging.getLogger("diapipe.completeness")
 
 DEFAULTS = {
     "match_radius": 2.0,
+    "match_nsigma": 3.0,
+    "match_radius_max": 4.0,
     "snr_bins": [2, 3, 4, 4.5, 5, 5.5, 6, 6.5, 7, 7.5, 8, 10, 15, 20, 30, 50],
     "mag_bin_width": 0.25,
     "truth_snr_min": 10.0,
@@ -43,13 +45,44 @@ TRANSIENT_KINDS = {"sn": "transient", "flare": "transient", "variable": "variabl
                    "star": "artefact", "galaxy": "artefact"}
 
 
-def _nearest(src_xy, dst_xy, radius):
-    """For each dst point: index of the nearest src point within radius (-1 if none) and distance."""
+def _nearest(src_xy, dst_xy, radius, src_r=None, dst_r=None):
+    """For each dst point: index of the nearest src point within radius (-1 if none) and distance.
+
+    ``src_r`` / ``dst_r``: a radius per src / dst point instead (a diaSource's own match
+    radius, ``match_radii``); the nearest src point within the pair's radius wins.
+    """
     if len(src_xy) == 0 or len(dst_xy) == 0:
         return np.full(len(dst_xy), -1), np.full(len(dst_xy), np.inf)
-    d, i = cKDTree(src_xy).query(dst_xy, distance_upper_bound=radius)
-    i = np.where(np.isfinite(d), np.asarray(i).astype(np.int64, copy=False), -1)
-    return i, d
+    if src_r is None and dst_r is None:
+        d, i = cKDTree(src_xy).query(dst_xy, distance_upper_bound=radius)
+        i = np.where(np.isfinite(d), np.asarray(i).astype(np.int64, copy=False), -1)
+        return i, d
+    rmax = float(np.nanmax(src_r if src_r is not None else dst_r))
+    k = min(8, len(src_xy))
+    d, i = cKDTree(src_xy).query(dst_xy, k=k, distance_upper_bound=rmax)
+    d, i = d.reshape(len(dst_xy), k), i.reshape(len(dst_xy), k)
+    found = np.isfinite(d)
+    ic = np.where(found, i, 0)
+    lim = np.asarray(src_r)[ic] if src_r is not None else np.asarray(dst_r)[:, None]
+    ok = found & (d <= lim)
+    first = np.argmax(ok, axis=1)
+    hit = ok[np.arange(len(dst_xy)), first]
+    idx = np.where(hit, ic[np.arange(len(dst_xy)), first], -1).astype(np.int64)
+    return idx, np.where(hit, d[np.arange(len(dst_xy)), first], np.inf)
+
+
+def match_radii(dia: pd.DataFrame, radius: float, nsigma: float = 0.0, radius_max: float | None = None) -> np.ndarray:
+    """Per diaSource match radius (px): ``nsigma`` x its 2-D centroid error, within [radius, radius_max].
+
+    A faint fake's centroid scatters by ~FWHM / S/N per axis (0.6 px at S/N 5 for a 4.5 px
+    PSF), so a fixed 2 px radius labels some detected fakes as bogus; the radius then grows
+    with the measured error, and stays ``radius`` for bright sources.
+    """
+    r = np.full(len(dia), float(radius))
+    if nsigma > 0 and {"xErr", "yErr"} <= set(dia.columns):
+        e = np.hypot(dia["xErr"].to_numpy(float), dia["yErr"].to_numpy(float))
+        r = np.where(np.isfinite(e), np.clip(nsigma * e, radius, radius_max if radius_max else radius), radius)
+    return r
 
 
 #: A detected fake's diaSource is a clean PSF measurement when none of these is set: the fit
@@ -64,8 +97,11 @@ CLEAN_FLAGS = ("psfFlux_flag", "centroid_flag", "dipole_flag", "pixelFlags_edge"
 CLEAN_MAX_PSF_CHI2 = 5.0
 
 
-def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> pd.DataFrame:
+def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0, nsigma: float = 0.0,
+                radius_max: float | None = None) -> pd.DataFrame:
     """Fakes with detected, diaSourceId, psfFlux(Err), measured x/y and offsets (per visit, detector).
+
+    A fake matches the nearest non-negative diaSource within that diaSource's ``match_radii``.
 
     ``clean``: detected, and its diaSource has none of ``CLEAN_FLAGS``, no negative lobe and a
     PSF-fit reduced chi^2 <= ``CLEAN_MAX_PSF_CHI2``.
@@ -73,7 +109,8 @@ def match_fakes(dia: pd.DataFrame, fakes: pd.DataFrame, radius: float = 2.0) -> 
     out = []
     for (v, d), f in fakes.groupby(["visit", "detector"], sort=True):
         s = dia[(dia["visit"] == v) & (dia["detector"] == d) & ~dia["isNegative"].astype(bool)]
-        idx, dist = _nearest(s[["x", "y"]].to_numpy(float), f[["x", "y"]].to_numpy(float), radius)
+        idx, dist = _nearest(s[["x", "y"]].to_numpy(float), f[["x", "y"]].to_numpy(float), radius,
+                             src_r=match_radii(s, radius, nsigma, radius_max))
         f = f.copy()
         hit = idx >= 0
         f["detected"] = hit
@@ -244,8 +281,12 @@ def curve(matched: pd.DataFrame, by: str, bins) -> pd.DataFrame:
 
 
 def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes: pd.DataFrame | None = None,
-             truth_sources: pd.DataFrame | None = None, radius: float = 2.0) -> pd.DataFrame:
-    """Label each diaSource: fake, transient, variable, mover, artefact or false (column ``truthClass``)."""
+             truth_sources: pd.DataFrame | None = None, radius: float = 2.0, nsigma: float = 0.0,
+             radius_max: float | None = None) -> pd.DataFrame:
+    """Label each diaSource: fake, transient, variable, mover, artefact or false (column ``truthClass``).
+
+    A diaSource matches the nearest truth source or fake within its ``match_radii``."""
+    radii = match_radii(dia, radius, nsigma, radius_max)
     out = dia[["diaSourceId", "visit", "detector", "x", "y", "snr", "isNegative", "isDipole"]].copy()
     label = np.full(len(out), "false", dtype=object)
     match_id = np.full(len(out), -1, np.int64)
@@ -254,6 +295,7 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
         kinds = truth_sources.set_index("source_id")["kind"]
     for (v, d), idx in out.groupby(["visit", "detector"]).groups.items():
         xy = out.loc[idx, ["x", "y"]].to_numpy(float)
+        rr = radii[out.index.get_indexer(idx)]
         lab = label[out.index.get_indexer(idx)]
         mid = match_id[out.index.get_indexer(idx)]
         # Truth first (real sky changes), fakes last so a fake on a host is a fake.
@@ -266,15 +308,15 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
                 if not sel.any():
                     continue
                 t = tf[sel]
-                _, j = cKDTree(t[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)  # j = len(t): none
-                hit = j < len(t)
+                j, _ = _nearest(t[["x", "y"]].to_numpy(float), xy, radius, dst_r=rr)
+                hit = j >= 0
                 lab[hit] = TRANSIENT_KINDS[group[0]]
                 mid[hit] = t["source_id"].to_numpy()[j[hit]]
         if fakes is not None and len(fakes):
             f = fakes[(fakes["visit"] == v) & (fakes["detector"] == d)]
             if len(f):
-                _, j = cKDTree(f[["x", "y"]].to_numpy(float)).query(xy, distance_upper_bound=radius)
-                hit = j < len(f)
+                j, _ = _nearest(f[["x", "y"]].to_numpy(float), xy, radius, dst_r=rr)
+                hit = j >= 0
                 lab[hit] = "fake"
                 mid[hit] = f["fakeId"].to_numpy()[j[hit]]
         label[out.index.get_indexer(idx)] = lab
@@ -318,7 +360,8 @@ def template_truth_flux(truth_fluxes: pd.DataFrame, truth_sources: pd.DataFrame,
 
 
 def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources: pd.DataFrame, diffexps: dict,
-                   snr_min: float = 10.0, radius: float = 2.0, template_visits=None) -> pd.DataFrame:
+                   snr_min: float = 10.0, radius: float = 2.0, template_visits=None, nsigma: float = 0.0,
+                   radius_max: float | None = None) -> pd.DataFrame:
     """Simulated transients (sn, flare), variables and movers per visit: difference S/N and whether detected.
 
     The S/N is that of the flux *change* since the template (``fluxDiff`` = visit
@@ -346,7 +389,8 @@ def truth_recovery(dia: pd.DataFrame, truth_fluxes: pd.DataFrame, truth_sources:
         pix = _Pixels(e)
         s = dia[(dia["visit"] == v) & (dia["detector"] == d)]
         ns = float(s["noiseScale"].iloc[0]) if len(s) and "noiseScale" in s else 1.0
-        j, _ = _nearest(s[["x", "y"]].to_numpy(float), t[["x", "y"]].to_numpy(float), radius)
+        j, _ = _nearest(s[["x", "y"]].to_numpy(float), t[["x", "y"]].to_numpy(float), radius,
+                        src_r=match_radii(s, radius, nsigma, radius_max))
         for k, r in enumerate(t.itertuples()):
             if not (0 <= r.x < e.shape[1] and 0 <= r.y < e.shape[0]):
                 continue
@@ -445,6 +489,7 @@ def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, t
     from .exposure import Exposure
 
     cfg = {**DEFAULTS, **(config or {})}
+    mkw = {"nsigma": float(cfg["match_nsigma"]), "radius_max": float(cfg["match_radius_max"])}
     dia = pd.read_parquet(dia_path)
     fakes = pd.concat([pd.read_parquet(p) for p in fakes_paths], ignore_index=True) if fakes_paths else None
     diffexps = {}
@@ -460,17 +505,17 @@ def run(dia_path, fakes_paths, outputs: dict, config=None, diffexp_paths=None, t
         if diffexps:
             fakes = add_diff_snr(fakes, diffexps, dia)
             snr_col = "snrDiff"
-        matched = mark_blends(match_fakes(dia, fakes, float(cfg["match_radius"])), tf, ts)
+        matched = mark_blends(match_fakes(dia, fakes, float(cfg["match_radius"]), **mkw), tf, ts)
         mags = matched["mag"].to_numpy(float)
         w = float(cfg["mag_bin_width"])
         mag_bins = list(np.arange(np.floor(np.nanmin(mags) / w) * w, np.nanmax(mags) + w, w)) if len(mags) else [0, 1]
         curves = pd.concat([curve(matched, snr_col, list(cfg["snr_bins"])), curve(matched, "mag", mag_bins)],
                            ignore_index=True)
-    classes = classify(dia, fakes, tf, ts, float(cfg["match_radius"]))
+    classes = classify(dia, fakes, tf, ts, float(cfg["match_radius"]), **mkw)
     recovery = None
     if tf is not None and ts is not None and diffexps:
         recovery = truth_recovery(dia, tf, ts, diffexps, float(cfg["truth_snr_min"]), float(cfg["match_radius"]),
-                                  template_visits=template_visits)
+                                  template_visits=template_visits, **mkw)
     summ = summary(matched, classes, snr_col, recovery, float(cfg["truth_snr_min"])) if len(matched) else {}
     if len(dia) and "noiseScale" in dia:
         summ["noise_scale_per_exposure"] = {f"{v}/{d}": float(x) for (v, d), x in

@@ -78,6 +78,11 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     if errors:
         lines = [_describe(e) for e in errors]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    # dataset types a newer diapipe added, missing from an older config's datasets map: their defaults
+    defaults = schema.get("properties", {}).get("datasets", {}).get("default")
+    if isinstance(defaults, dict) and isinstance(config.get("datasets"), dict):
+        for key, value in defaults.items():
+            config["datasets"].setdefault(key, value)
     return config
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 from _detect_synth import make_diffexp
 
 from diapipe import completeness, measure
@@ -71,3 +72,25 @@ def test_fakes_measured_next_to_a_bad_column_are_not_clean():
     m = completeness.match_fakes(dia, fk, 2.0).set_index("fakeId")
     assert m["detected"].all()
     assert not m.loc[1, "clean"] and m.loc[2, "clean"]
+
+
+def test_faint_fake_matches_within_its_centroid_error():
+    """A faint detection 2.6 px from its fake (match radius 3 x 1.13 px at xErr = yErr = 0.8 px) is the fake;
+    a bright one as far off is not, and the radius never exceeds match_radius_max."""
+    from diapipe.completeness import classify, match_fakes, match_radii
+
+    fakes = pd.DataFrame({"fakeId": [1, 2, 3], "visit": 1, "detector": 0, "x": [100.0, 300.0, 500.0],
+                          "y": [100.0, 300.0, 500.0], "flux": 1000.0})
+    dia = pd.DataFrame({"diaSourceId": [11, 12, 13], "visit": 1, "detector": 0, "x": [102.6, 302.6, 505.0],
+                        "y": [100.0, 300.0, 500.0], "xErr": [0.8, 0.1, 5.0], "yErr": [0.8, 0.1, 5.0],
+                        "snr": [5.2, 80.0, 3.0], "isNegative": False, "isDipole": False, "psfFlux": 1.0,
+                        "psfFluxErr": 1.0})
+    r = match_radii(dia, 2.0, 3.0, 4.0)
+    assert r == pytest.approx([3 * np.hypot(0.8, 0.8), 2.0, 4.0])
+    cls = classify(dia, fakes, radius=2.0, nsigma=3.0, radius_max=4.0)
+    assert cls["truthClass"].tolist() == ["fake", "false", "false"]
+    assert cls["truthId"].tolist() == [1, -1, -1]
+    m = match_fakes(dia, fakes, 2.0, nsigma=3.0, radius_max=4.0)
+    assert m["detected"].tolist() == [True, False, False]
+    # the fixed radius alone (nsigma 0, the former behaviour) misses the faint one
+    assert classify(dia, fakes, radius=2.0)["truthClass"].tolist() == ["false"] * 3

@@ -32,6 +32,19 @@ def test_defaults_filled_from_schema():
                     assert cfg[name][key] == leaf["default"], f"{name}.{key}"
 
 
+def test_dataset_types_missing_from_an_older_config_get_their_default_paths(good):
+    """An older config.yaml lists the dataset types of its day; a newer type gets the default path,
+    a remapped one keeps the user's."""
+    cfg = copy.deepcopy(good)
+    del cfg["datasets"]["template_psf"]
+    cfg["datasets"]["calexp"] = "elsewhere/{visit}/{detector}.fits"
+    out = dpconfig.validate(cfg)["datasets"]
+    default = dpconfig.load_schema()["properties"]["datasets"]["default"]
+    assert out["template_psf"] == default["template_psf"]
+    assert out["calexp"] == "elsewhere/{visit}/{detector}.fits"
+    assert set(default) <= set(out)
+
+
 def test_defaults_do_not_overwrite_given_values(good):
     cfg = copy.deepcopy(good)
     cfg["simulate"]["nx"] = 128

@@ -42,6 +42,7 @@ STAGE_KEYS = [
     ("coadd", "coadd.nsigma"),  # template outlier rejection
     ("subtract", "subtract.spatial_order"),  # the kernel's spatial variation order
     ("fakes", "fakes.n_isolated"),
+    ("fakes", "fakes.match_nsigma"),  # matching only: the completeness analysis, not the injection
     ("detect", "detect.threshold"),
     ("realbogus", "realbogus.rf_n_estimators"),
     ("associate", "associate.match_radius"),

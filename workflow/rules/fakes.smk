@@ -4,6 +4,16 @@
 # the diaSources.  Subtraction uses science_calexp() (common.smk): the calexp
 # with fakes.  Input functions and targets live in common.smk.
 FAKES = config["fakes"]
+# Each rule gets only the keys it uses, so changing how fakes are matched reruns the
+# completeness analysis, not the injection and everything downstream of it.
+MATCH_KEYS = (
+    "match_radius",
+    "match_nsigma",
+    "match_radius_max",
+    "snr_bins",
+    "mag_bin_width",
+    "truth_snr_min",
+)
 
 
 rule inject_fakes:
@@ -26,7 +36,7 @@ rule inject_fakes:
         mem_mb=detector_mem_mb(4.0),
         runtime=10,
     params:
-        fakes=FAKES,
+        fakes={k: v for k, v in FAKES.items() if k not in MATCH_KEYS},
         seed=config["seed"],
     script:
         "../scripts/fakes.py"
@@ -60,7 +70,7 @@ rule completeness:
         mem_mb=detector_mem_mb(3.0, base=1000),
         runtime=20,
     params:
-        fakes=FAKES,
+        fakes={k: FAKES[k] for k in MATCH_KEYS},
         # visits coadded into templates: a truth source's template flux (flares, SNe)
         template_visits=sorted(template_pool()),
     script:
