@@ -76,12 +76,16 @@ def match_radii(dia: pd.DataFrame, radius: float, nsigma: float = 0.0, radius_ma
 
     A faint fake's centroid scatters by ~FWHM / S/N per axis (0.6 px at S/N 5 for a 4.5 px
     PSF), so a fixed 2 px radius labels some detected fakes as bogus; the radius then grows
-    with the measured error, and stays ``radius`` for bright sources.
+    with the measured error, and stays ``radius`` for bright sources.  A diaSource without a
+    centroid error (its centroid fit failed) gets ``radius_max``.
     """
     r = np.full(len(dia), float(radius))
     if nsigma > 0 and {"xErr", "yErr"} <= set(dia.columns):
+        rmax = radius_max if radius_max else radius
         e = np.hypot(dia["xErr"].to_numpy(float), dia["yErr"].to_numpy(float))
-        r = np.where(np.isfinite(e), np.clip(nsigma * e, radius, radius_max if radius_max else radius), radius)
+        # no error: the centroid fit failed (an edge, a blend), and the position is the
+        # footprint's peak, good to a FWHM at best: the largest radius
+        r = np.where(np.isfinite(e), np.clip(nsigma * e, radius, rmax), rmax)
     return r
 
 

@@ -92,5 +92,8 @@ def test_faint_fake_matches_within_its_centroid_error():
     assert cls["truthId"].tolist() == [1, -1, -1]
     m = match_fakes(dia, fakes, 2.0, nsigma=3.0, radius_max=4.0)
     assert m["detected"].tolist() == [True, False, False]
+    # a failed centroid (no error) matches within the largest radius
+    nan = dia.assign(xErr=[np.nan, 0.1, 5.0], yErr=[np.nan, 0.1, 5.0])
+    assert match_radii(nan, 2.0, 3.0, 4.0)[0] == 4.0
     # the fixed radius alone (nsigma 0, the former behaviour) misses the faint one
     assert classify(dia, fakes, radius=2.0)["truthClass"].tolist() == ["false"] * 3
