@@ -7,8 +7,8 @@ scaled to a flux chosen for a target optimal S/N in the calexp,
 
 drawn log-uniformly between ``snr_min`` and ``snr_max``.  Half are placed at
 random isolated positions (away from catalogued sources, bad pixels and the
-edge), half at the centres of galaxies (hosts) from the truth tables or the
-calexp's source catalog.  The injected signal gets Poisson noise (the fake's
+edge), half in galaxies (hosts) from the truth tables or the calexp's source
+catalog, offset from the centre by up to ``host_offset`` effective radii.  The injected signal gets Poisson noise (the fake's
 own photon noise, in electrons) and its expectation is added to the VARIANCE
 plane; pixels above 2% of each fake's peak get the INJECTED mask plane.  The
 fakes table records what was injected (truth for completeness and for
@@ -39,6 +39,7 @@ DEFAULTS = {
     "margin": 20,
     "min_separation": 15.0,
     "host_mag_max": 23.0,
+    "host_offset": 1.5,
     "injected_fraction": 0.02,
 }
 
@@ -48,7 +49,7 @@ FAKES_COLUMNS = {
     "visit": ("", "Visit number."),
     "detector": ("", "Detector number."),
     "band": ("", "Filter band."),
-    "kind": ("", "'isolated' or 'host' (placed at a galaxy centre)."),
+    "kind": ("", "'isolated' or 'host' (placed in a galaxy, within host_offset effective radii of its centre)."),
     "hostId": ("", "source_id of the host galaxy (-1 for isolated fakes)."),
     "x": ("pixel", "Column of the injected centre (0-based)."),
     "y": ("pixel", "Row of the injected centre (0-based)."),
@@ -84,13 +85,17 @@ def optimal_snr_unit(exposure: Exposure, x: float, y: float, pix=None) -> float:
 
 def choose_positions(exposure: Exposure, n_isolated: int, hosts: pd.DataFrame | None, n_hosts: int,
                      rng: np.random.Generator, margin: float = 20, min_separation: float = 15.0,
-                     avoid_xy: np.ndarray | None = None) -> pd.DataFrame:
+                     avoid_xy: np.ndarray | None = None, host_offset: float = 1.5) -> pd.DataFrame:
     """Fake positions: DataFrame(x, y, kind, hostId).
 
     Isolated fakes avoid ``avoid_xy`` (e.g. all catalogued sources), masked
-    pixels and each other by ``min_separation`` pixels; host fakes sit on the
-    centres in ``hosts`` (columns x, y and optional source_id), also kept
-    apart from each other.
+    pixels and each other by ``min_separation`` pixels; host fakes sit in the
+    galaxies of ``hosts`` (columns x, y and optional source_id, reff in arcsec),
+    also kept apart from each other: offset from the centre in a random
+    direction by reff x U(0, ``host_offset``), as supernovae are (at the
+    centre when reff is unknown or ``host_offset`` is 0).  Fakes only at
+    centres teach a classifier that a real transient sits exactly on its host's
+    nucleus, and it then scores supernovae off their hosts' centres as bogus.
     """
     ny, nx = exposure.shape
     bad = masks.is_set(exposure.mask, *masks.BAD_PLANES)
@@ -105,10 +110,22 @@ def choose_positions(exposure: Exposure, n_isolated: int, hosts: pd.DataFrame | 
         h = hosts[(hosts["x"] > margin) & (hosts["x"] < nx - 1 - margin)
                   & (hosts["y"] > margin) & (hosts["y"] < ny - 1 - margin)]
         order = rng.permutation(len(h))
+        reff_px = None
+        if "reff" in h and exposure.wcs is not None:
+            from astropy.wcs.utils import proj_plane_pixel_scales
+
+            scale = float(np.mean(proj_plane_pixel_scales(exposure.wcs.celestial))) * 3600.0  # arcsec/px
+            reff_px = np.nan_to_num(h["reff"].to_numpy(float)) / scale
         for k in order:
             if len(rows) >= n_hosts:
                 break
             x, y = float(h["x"].iloc[k]), float(h["y"].iloc[k])
+            if host_offset > 0 and reff_px is not None:
+                r = reff_px[k] * rng.uniform(0.0, host_offset)
+                ang = rng.uniform(0.0, 2 * np.pi)
+                x, y = x + r * np.cos(ang), y + r * np.sin(ang)
+                if not (margin < x < nx - 1 - margin and margin < y < ny - 1 - margin):
+                    continue
             if bad[int(round(y)), int(round(x))] or not free(x, y, np.asarray(placed).reshape(-1, 2)):
                 continue
             placed.append((x, y))
@@ -171,7 +188,7 @@ def make_fakes(calexp: Exposure, config: dict | None = None, seed: int = 0,
     rng = rng_for(seed, "fakes", visit=visit, detector=detector)
     pos = choose_positions(calexp, int(cfg["n_isolated"]), hosts, int(cfg["n_hosts"]), rng,
                            margin=float(cfg["margin"]), min_separation=float(cfg["min_separation"]),
-                           avoid_xy=avoid_xy)
+                           avoid_xy=avoid_xy, host_offset=float(cfg["host_offset"]))
     n = len(pos)
     snr_target = np.exp(rng.uniform(np.log(cfg["snr_min"]), np.log(cfg["snr_max"]), n))
     from .measure import _Pixels
@@ -214,12 +231,13 @@ def make_fakes(calexp: Exposure, config: dict | None = None, seed: int = 0,
 
 def hosts_from_truth(truth_fluxes: pd.DataFrame, truth_sources: pd.DataFrame, visit: int, detector: int,
                      mag_max: float = 23.0) -> pd.DataFrame:
-    """Galaxy centres (x, y, source_id) on one exposure from the simulation's truth tables."""
+    """Galaxy centres (x, y, source_id, and reff in arcsec when known) on one exposure from the simulation's truth."""
     tf = truth_fluxes[(truth_fluxes["visit"] == visit) & (truth_fluxes["detector"] == detector)]
-    gal = truth_sources.loc[truth_sources["kind"] == "galaxy", ["source_id", "mag"]].rename(columns={"mag": "gmag"})
+    cols = ["source_id", "mag"] + (["reff"] if "reff" in truth_sources else [])
+    gal = truth_sources.loc[truth_sources["kind"] == "galaxy", cols].rename(columns={"mag": "gmag"})
     out = tf.merge(gal, on="source_id")
     out = out[out["gmag"] < mag_max]
-    return out[["x", "y", "source_id"]].reset_index(drop=True)
+    return out[["x", "y", "source_id"] + (["reff"] if "reff" in out else [])].reset_index(drop=True)
 
 
 def hosts_from_src(src: pd.DataFrame) -> pd.DataFrame:

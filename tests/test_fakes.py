@@ -83,12 +83,36 @@ def test_host_fakes_sit_on_galaxy_centres():
         assert (r["x"], r["y"]) == (g["x"], g["y"])
 
 
+def test_host_fakes_are_offset_within_their_host_like_supernovae():
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    cal = _calexp()
+    assert cal.wcs is not None
+    scale = float(np.mean(proj_plane_pixel_scales(cal.wcs.celestial))) * 3600.0
+    rng = np.random.default_rng(0)
+    gx, gy = rng.uniform(40, 470, 40), rng.uniform(40, 470, 40)
+    hosts = pd.DataFrame({"x": gx, "y": gy, "source_id": np.arange(40), "reff": 2.0})  # arcsec
+    reff_px = 2.0 / scale
+    inj, tab = fakes.make_fakes(cal, {"n_isolated": 0, "n_hosts": 40, "min_separation": 1.0}, seed=2, hosts=hosts)
+    h = tab[tab["kind"] == "host"]
+    assert len(h) >= 30
+    d = np.hypot(h["x"].to_numpy() - gx[h["hostId"]], h["y"].to_numpy() - gy[h["hostId"]])
+    assert d.max() <= 1.5 * reff_px + 1e-9
+    assert 0.5 * reff_px < d.mean() < 1.0 * reff_px  # uniform in [0, 1.5] reff: mean 0.75
+    # host_offset 0: on the centres, as before
+    _, t0 = fakes.make_fakes(cal, {"n_isolated": 0, "n_hosts": 40, "min_separation": 1.0, "host_offset": 0.0},
+                             seed=2, hosts=hosts)
+    h0 = t0[t0["kind"] == "host"]
+    assert np.allclose(h0["x"].to_numpy(), gx[h0["hostId"]]) and np.allclose(h0["y"].to_numpy(), gy[h0["hostId"]])
+
+
 def test_hosts_from_truth_tables():
     tf = pd.DataFrame({"source_id": [1, 2, 3], "visit": [3, 3, 4], "detector": [0, 0, 0], "x": [10.0, 20.0, 30.0],
                        "y": [1.0, 2.0, 3.0]})
-    ts = pd.DataFrame({"source_id": [1, 2, 3], "kind": ["galaxy", "star", "galaxy"], "mag": [21.0, 18.0, 20.0]})
+    ts = pd.DataFrame({"source_id": [1, 2, 3], "kind": ["galaxy", "star", "galaxy"], "mag": [21.0, 18.0, 20.0],
+                       "reff": [0.8, np.nan, 1.2]})
     h = fakes.hosts_from_truth(tf, ts, 3, 0)
-    assert list(h["source_id"]) == [1] and list(h["x"]) == [10.0]
+    assert list(h["source_id"]) == [1] and list(h["x"]) == [10.0] and list(h["reff"]) == [0.8]
 
 
 def test_missing_psf_is_a_clear_error():
