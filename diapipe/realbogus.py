@@ -505,6 +505,9 @@ class TrainConfig:
     # config turns it on, library callers on large sets may not want the extra trainings)
     outer_folds: int = 0
     synthetic_visits: int = 0  # visits of synthetic triplets added to the training rows (0 = none)
+    # fraction of training labels flipped in a cross-validated robustness test of every candidate: a
+    # candidate whose CV metrics degrade by a factor >= 2 is chosen only if none is robust (0 = off)
+    select_label_noise: float = 0.0
     synthetic_per_visit: int = 300  # synthetic detections per synthetic visit
 
     @classmethod
@@ -731,8 +734,27 @@ def _train(features, labels, groups, cfg, extra=None):
         report["cv"][name] = m
         log.info("CV %s: AUC %.5f, MDR@FPR1%% %.4f, FPR@MDR1%% %.4f (%.1f s)", name, m["auc"],
                  m["mdr_at_fpr1"], m["fpr_at_mdr1"], m["fit_seconds"])
-    best = _choose_model(report["cv"], cfg.models, cfg.select_metric)
+    candidates = list(cfg.models)
+    if cfg.select_label_noise > 0 and len(candidates) > 1:
+        from .seeds import rng_for
+
+        # the same rows flipped for every candidate; the out-of-fold scores are judged on the true labels
+        flip = rng_for(cfg.seed, "realbogus_select_label_noise").random(len(y)) < cfg.select_label_noise
+        noisy = np.where(flip, 1 - y, y)
+        robust = []
+        for name in candidates:
+            raw1 = _oof_scores(make_estimator(name, cfg), X, noisy, splits, extra=ex)
+            _, _, fac = _factors(y, oof[name], raw1)
+            fac.pop("_floors")
+            report["cv"][name]["label_noise_factor"] = round(max(fac.values()), 4)
+            log.info("CV %s with %.0f%% of the labels flipped: degradation factor %.2f", name,
+                     100 * cfg.select_label_noise, max(fac.values()))
+            if max(fac.values()) < 2.0:
+                robust.append(name)
+        candidates = robust or candidates
+    best = _choose_model(report["cv"], candidates, cfg.select_metric)
     report["chosen"] = best
+    report["robust_candidates"] = candidates
     # Calibration as CalibratedClassifierCV(ensemble=False) does it, without refitting the folds: the
     # calibrator learns from the out-of-fold scores, the classifier is refitted on all training visits.
     t0 = time.perf_counter()

@@ -163,6 +163,25 @@ def test_model_choice_by_grouped_cv(synth):
     assert rep["n_visits"] == 6
 
 
+def test_model_choice_prefers_candidates_robust_to_flipped_labels(synth):
+    """With select_label_noise each candidate is cross-validated again on 5% flipped labels; the choice is
+    made among those whose CV metrics degrade by less than a factor 2 (all of them if none does)."""
+    _, tab, feats = synth
+    sub = tab["visit"] < 6
+    cfg = rb.TrainConfig(**{**FAST, "models": ("hgb", "rf"), "rf_n_estimators": 60, "select_label_noise": 0.05})
+    model, rep = rb.train(feats[sub], tab.loc[sub, "label"], tab.loc[sub, "visit"], cfg)
+    cv = rep["cv"]
+    factors = {k: cv[k]["label_noise_factor"] for k in ("hgb", "rf")}
+    assert all(f > 0 for f in factors.values())
+    robust = [k for k in ("hgb", "rf") if factors[k] < 2.0] or ["hgb", "rf"]
+    assert rep["robust_candidates"] == robust
+    assert rep["chosen"] in robust and model.metadata["model"] == rep["chosen"]
+    # off (the default of the library): no robustness test, every candidate stays
+    _, rep0 = rb.train(feats[sub], tab.loc[sub, "label"], tab.loc[sub, "visit"],
+                       rb.TrainConfig(**{**FAST, "models": ("hgb", "rf"), "rf_n_estimators": 60}))
+    assert "label_noise_factor" not in rep0["cv"]["rf"] and rep0["robust_candidates"] == ["hgb", "rf"]
+
+
 def test_save_load_and_refuse_other_feature_version(trained, synth, tmp_path):
     import skops.io as sio
 
