@@ -506,7 +506,8 @@ class TrainConfig:
     outer_folds: int = 0
     synthetic_visits: int = 0  # visits of synthetic triplets added to the training rows (0 = none)
     # fraction of training labels flipped in a cross-validated robustness test of every candidate: a
-    # candidate whose CV metrics degrade by a factor >= 2 is chosen only if none is robust (0 = off)
+    # candidate whose CV metrics degrade by SELECT_NOISE_MAX_FACTOR or more is chosen only if none is
+    # robust (0 = off)
     select_label_noise: float = 0.0
     synthetic_per_visit: int = 300  # synthetic detections per synthetic visit
 
@@ -690,6 +691,14 @@ def train(features: pd.DataFrame, labels, groups, cfg: TrainConfig | None = None
         return _train(features, labels, groups, cfg, extra)
 
 
+#: flipped-label draws of the robustness test in the model choice (``TrainConfig.select_label_noise``)
+SELECT_NOISE_DRAWS = 3
+#: a candidate is robust below this CV degradation factor: the issue's bar is 2 on the held-out visits,
+#: whose smaller counts scatter more (measured on the default survey: HGB 1.9-2.5 in CV and 2.95
+#: held out; RF 1.1-1.2 in CV and 1.0-1.5 held out)
+SELECT_NOISE_MAX_FACTOR = 1.5
+
+
 def _choose_model(cv: dict, models, metric: str) -> str:
     """The candidate with the lowest CV ``metric``; differences within its binomial standard error are ties.
 
@@ -738,18 +747,24 @@ def _train(features, labels, groups, cfg, extra=None):
     if cfg.select_label_noise > 0 and len(candidates) > 1:
         from .seeds import rng_for
 
-        # the same rows flipped for every candidate; the out-of-fold scores are judged on the true labels
-        flip = rng_for(cfg.seed, "realbogus_select_label_noise").random(len(y)) < cfg.select_label_noise
-        noisy = np.where(flip, 1 - y, y)
+        # the same rows flipped for every candidate, in SELECT_NOISE_DRAWS draws (one draw's factor
+        # scatters by ~0.5: HGB measured 1.5 in one and 2.9 in another); the out-of-fold scores are
+        # judged on the true labels, and the median factor over the draws decides
+        rng = rng_for(cfg.seed, "realbogus_select_label_noise")
+        flips = [rng.random(len(y)) < cfg.select_label_noise for _ in range(SELECT_NOISE_DRAWS)]
         robust = []
         for name in candidates:
-            raw1 = _oof_scores(make_estimator(name, cfg), X, noisy, splits, extra=ex)
-            _, _, fac = _factors(y, oof[name], raw1)
-            fac.pop("_floors")
-            report["cv"][name]["label_noise_factor"] = round(max(fac.values()), 4)
-            log.info("CV %s with %.0f%% of the labels flipped: degradation factor %.2f", name,
-                     100 * cfg.select_label_noise, max(fac.values()))
-            if max(fac.values()) < 2.0:
+            facs = []
+            for flip in flips:
+                raw1 = _oof_scores(make_estimator(name, cfg), X, np.where(flip, 1 - y, y), splits, extra=ex)
+                _, _, fac = _factors(y, oof[name], raw1)
+                fac.pop("_floors")
+                facs.append(max(fac.values()))
+            f = float(np.median(facs))
+            report["cv"][name]["label_noise_factor"] = round(f, 4)
+            log.info("CV %s with %.0f%% of the labels flipped: degradation factor %.2f (median of %s)", name,
+                     100 * cfg.select_label_noise, f, ", ".join(f"{x:.2f}" for x in facs))
+            if f < SELECT_NOISE_MAX_FACTOR:
                 robust.append(name)
         candidates = robust or candidates
     best = _choose_model(report["cv"], candidates, cfg.select_metric)
