@@ -457,12 +457,10 @@ def _normalise(sm, g2, wsum, valid, g2_scale):  # pragma: no cover
 # ------------------------------------------------------- homogenisation
 def _data_box(w: Exposure):
     """(x0, y0, x1, y1) bounding box of a warp's pixels with data."""
+    from .warp import _bbox
+
     ok = ~masks.is_set(w.mask, "NO_DATA")
-    if not ok.any():
-        return 0, 0, w.shape[1], w.shape[0]
-    ys = np.flatnonzero(ok.any(axis=1))
-    xs = np.flatnonzero(ok.any(axis=0))
-    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+    return _bbox(ok) if ok.any() else (0, 0, w.shape[1], w.shape[0])
 
 
 def _grid_points(box, grid: int):
@@ -526,6 +524,15 @@ def matching_kernel(psf: np.ndarray, target: np.ndarray, reg: float = 1e-4) -> n
     return k / k.sum()
 
 
+def _kernel_acf(k: np.ndarray, half: int) -> np.ndarray:
+    """Autocorrelation sum_j K_j K_(j+lag) of a kernel for |lags| <= half (centre: sum K^2)."""
+    from scipy import signal
+
+    a = signal.correlate(k, k, mode="full")
+    c = a.shape[0] // 2
+    return a[max(c - half, 0):c + half + 1, max(c - half, 0):c + half + 1]
+
+
 def homogenized_noise_acf(kernels, weights, half: int = 16) -> np.ndarray:
     """Noise autocorrelation ((2 half + 1)^2, centre 1) of a coadd of homogenised warps.
 
@@ -542,10 +549,7 @@ def homogenized_noise_acf(kernels, weights, half: int = 16) -> np.ndarray:
     r1 = resampling_noise_model(1.0, half)
     acc = np.zeros((2 * half + 1, 2 * half + 1))
     for k, wt in zip(kernels, weights):
-        a = signal.correlate(k, k, mode="full")
-        c = a.shape[0] // 2
-        a = a[max(c - 2 * half, 0):c + 2 * half + 1, max(c - 2 * half, 0):c + 2 * half + 1]
-        full = signal.fftconvolve(a, r1, mode="same")
+        full = signal.fftconvolve(_kernel_acf(k, 2 * half), r1, mode="same")
         m = full.shape[0] // 2
         acc += wt * full[m - half:m + half + 1, m - half:m + half + 1]
     return acc / acc[half, half]
@@ -567,7 +571,6 @@ def homogenize_warp(w: Exposure, target: np.ndarray, rejected: np.ndarray, grid:
     the inverse (a large aperture's variance does not change).
     """
     from . import kernel as kmod
-    from .psf import poly_design
 
     if w.psf is None:
         raise ValueError("warp has no PSF model to match")
@@ -575,17 +578,12 @@ def homogenize_warp(w: Exposure, target: np.ndarray, rejected: np.ndarray, grid:
     box = _data_box(w)
     pts = _grid_points(box, grid)
     ks = np.array([matching_kernel(w.psf.image(x, y), target) for x, y in pts])
-    x0, y0 = (box[0] + box[2] - 1) / 2, (box[1] + box[3] - 1) / 2
-    sx, sy = max((box[2] - box[0]) / 2, 1.0), max((box[3] - box[1]) / 2, 1.0)
     xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
     n = ks.shape[-1]
-
-    def fit(stamps, o):
-        A = poly_design(xs, ys, o, x0, y0, sx, sy)
-        coef, *_ = np.linalg.lstsq(A, stamps.reshape(len(stamps), -1), rcond=None)
-        return coef.reshape(A.shape[1], n, n)
-
-    kc, k2c = fit(ks, order), fit(ks**2, 2 * order)
+    # the kernel and its square as polynomials over the box (a PixelPsf's pixel-basis fit)
+    kfit, k2fit = fit_pixel_psf(xs, ys, ks, order, box), fit_pixel_psf(xs, ys, ks**2, 2 * order, box)
+    kc, k2c, order = kfit.components, k2fit.components, kfit.order
+    x0, y0, sx, sy = kfit.x0, kfit.y0, kfit.sx, kfit.sy
     bad = ~_valid(w) | rejected
     img = np.where(np.isfinite(w.image), w.image, 0).astype(np.float32)
     var = np.where(np.isfinite(w.variance) & (w.variance > 0), w.variance, 0).astype(np.float32)
@@ -603,14 +601,12 @@ def homogenize_warp(w: Exposure, target: np.ndarray, rejected: np.ndarray, grid:
     kc0 = matching_kernel(w.psf.image(x0, y0), target)
     # sum K^2 (*) var holds for independent pixels; a warp's are correlated by its Lanczos resampling
     # (R_1), so a pixel of K (*) warp has sum_lag (K*K)(lag) R_1(lag) x var: that factor over sum K^2
-    from scipy import signal
-
     from .subtract import resampling_noise_model
 
-    acf_k = signal.correlate(kc0, kc0, mode="full")
-    c, hr = acf_k.shape[0] // 2, 8
-    corr = float((acf_k[c - hr:c + hr + 1, c - hr:c + hr + 1] * resampling_noise_model(1.0, hr)).sum() / acf_k[c, c])
-    var_h = np.maximum(convolve(var, k2c, 2 * order), 0) * np.float32(corr)
+    hr = 8
+    acf_k = _kernel_acf(kc0, hr)
+    corr = float((acf_k * resampling_noise_model(1.0, hr)).sum() / acf_k[hr, hr])
+    var_h = np.maximum(convolve(var, k2c, k2fit.order), 0) * np.float32(corr)
     # an output pixel is tainted when more than taint_frac of its kernel weight (sum |K|) sits on
     # pixels that may not enter: one interpolated cosmic ray taints a few px, a saturated core more
     a = np.abs(kc0) / np.abs(kc0).sum()
@@ -800,7 +796,6 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
         h.header["COMMENT"] = "predicted noise autocorrelation (centre 1): homogenisation kernels x one Lanczos warp"
         h.header["NRESAMP"] = (1, "Lanczos resamplings included")
         extra.append(h)
-    if homog is not None:
         from .psf import spline_fwhm
 
         meta["HOMFWHM"] = spline_fwhm(homog[0])  # px, the common PSF's
@@ -958,6 +953,12 @@ def add_cli(subparsers) -> None:
     t.add_argument("calexp")
     t.add_argument("coadds", nargs="+")
     t.set_defaults(func=_cli_template)
+
+
+def selection_from_config(block: dict) -> dict:
+    """The template-selection arguments of a ``coadd`` config block (for select_visits' callers)."""
+    return {"mode": block["select"], "visits": block["visits"] or None, "mjd_min": block["mjd_min"],
+            "mjd_max": block["mjd_max"], "n_best": block["n_best"]}
 
 
 def coadd_from_files(warp_paths, output, *, mode="best_seeing", visits=None, mjd_min=None, mjd_max=None, n_best=5,

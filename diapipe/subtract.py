@@ -510,22 +510,26 @@ def resampling_noise_model(nresamp: float, half: int = NOISE_CORR_HALF, a: int =
     0.196 (side) and 0.038 (diagonal), 2 px by -0.128.  Non-integer values
     interpolate (a coadd of differently resampled inputs).
     """
-    n = 8 * (half + 4)
-    P = _lanczos_power(n, a) ** float(nresamp)
-    r = np.real(np.fft.ifft2(P))
-    r = np.roll(r, (half, half), axis=(0, 1))[: 2 * half + 1, : 2 * half + 1]
-    return r / r[half, half]
+    return _resampling_models(np.array([float(nresamp)]), half, a)[0]
 
 
-@functools.lru_cache(maxsize=4)
-def _resampling_model_grid(half: int, a: int = 3) -> np.ndarray:
-    """resampling_noise_model(p, half) for p = 0, 0.05, ..., 4 (81 x (2 half + 1)^2), in one FFT call."""
-    grid = np.linspace(0.0, 4.0, 81)
+def _resampling_models(powers: np.ndarray, half: int, a: int = 3) -> np.ndarray:
+    """resampling_noise_model for each of ``powers`` (len x (2 half + 1)^2), in one FFT call."""
     n = 8 * (half + 4)
-    P = _lanczos_power(n, a)[None] ** grid[:, None, None]
+    P = _lanczos_power(n, a)[None] ** np.asarray(powers, float)[:, None, None]
     r = np.real(np.fft.ifft2(P, axes=(1, 2)))
     r = np.roll(r, (half, half), axis=(1, 2))[:, : 2 * half + 1, : 2 * half + 1]
     return r / r[:, half, half][:, None, None]
+
+
+#: numbers of resamplings tried by fit_resampling_model
+RESAMP_GRID = np.linspace(0.0, 4.0, 81)
+
+
+@functools.lru_cache(maxsize=4)
+def _resampling_model_grid(half: int) -> np.ndarray:
+    """resampling_noise_model(p, half) for p in RESAMP_GRID, computed once per half."""
+    return _resampling_models(RESAMP_GRID, half)
 
 
 def fit_resampling_model(rho: np.ndarray, reach: int = 2, return_misfit: bool = False):
@@ -543,7 +547,7 @@ def fit_resampling_model(rho: np.ndarray, reach: int = 2, return_misfit: bool = 
     meas = rho[sl, sl]
     use = np.ones(meas.shape, bool)
     use[reach, reach] = False
-    grid = np.linspace(0.0, 4.0, 81)
+    grid = RESAMP_GRID
     cost = list(np.sum((_resampling_model_grid(reach)[:, use] - meas[use]) ** 2, axis=1))
     k = int(np.argmin(cost))
     best = float(grid[k])

@@ -402,7 +402,13 @@ def test_mask_growth_and_box_mean_match_scipy():
         for it in (1, 2):  # the cross dilation coadd's flux test uses
             assert np.array_equal(grow_cross(b, it), ndimage.binary_dilation(b, iterations=it)), (shape, it)
     img = rng.normal(size=(33, 47)).astype(np.float32)
-    np.testing.assert_allclose(kmod._box3_mean(img), ndimage.uniform_filter(img, 3), atol=1e-6)
+    bad = np.zeros(img.shape, bool)
+    out = np.empty(img.shape, np.float32)
+    kmod._box3_masked(img, bad, out)
+    np.testing.assert_allclose(out, ndimage.uniform_filter(img, 3), atol=1e-6)
+    bad[5:9, 10:12] = True  # masked pixels count as zero
+    kmod._box3_masked(img, bad, out)
+    np.testing.assert_allclose(out, ndimage.uniform_filter(np.where(bad, 0, img), 3), atol=1e-6)
 
 
 def test_nanmedian_last_equals_numpy():

@@ -5,7 +5,7 @@ import sys
 from astropy.io import fits
 
 from diapipe import logs
-from diapipe.coadd import coadd_from_files
+from diapipe.coadd import coadd_from_files, selection_from_config
 from diapipe.fileio import DiapipeError
 
 sm = snakemake  # noqa: F821
@@ -18,11 +18,7 @@ try:
     co = coadd_from_files(
         list(sm.input.warps),
         sm.output.template,
-        mode=c["select"],
-        visits=c["visits"] or None,
-        mjd_min=c["mjd_min"],
-        mjd_max=c["mjd_max"],
-        n_best=c["n_best"],
+        **selection_from_config(c),
         data_id=data_id,
         weighting=c["weighting"],
         reject=c["reject"],

@@ -3,7 +3,7 @@
 import sys
 
 from diapipe import logs
-from diapipe.coadd import target_psf_files
+from diapipe.coadd import selection_from_config, target_psf_files
 from diapipe.fileio import DiapipeError
 
 sm = snakemake  # noqa: F821
@@ -13,11 +13,7 @@ try:
     t = target_psf_files(
         dict(sm.params.warps_by_patch),
         sm.output.psf,
-        mode=c["select"],
-        visits=c["visits"] or None,
-        mjd_min=c["mjd_min"],
-        mjd_max=c["mjd_max"],
-        n_best=c["n_best"],
+        **selection_from_config(c),
         margin=c["homogenize_margin"],
         grid=c["psf_grid"],
         band=sm.wildcards.band,
