@@ -1169,7 +1169,8 @@ def train_and_evaluate(features: pd.DataFrame, labels, groups, cfg: TrainConfig,
         t0 = time.perf_counter()
         try:
             metrics["heldout_all_visits"] = pooled_heldout(features, labels, groups, cfg, snr=snr, kinds=kinds,
-                                                           label_noise=label_noise, extra=extra)
+                                                           label_noise=label_noise, extra=extra,
+                                                           model_name=report["chosen"])
             metrics["heldout_all_visits"]["seconds"] = round(time.perf_counter() - t0, 1)
         except DiapipeError as exc:  # an evaluation, not the model: say why and carry on
             log.warning("pooled evaluation skipped: %s", exc)
@@ -1178,9 +1179,14 @@ def train_and_evaluate(features: pd.DataFrame, labels, groups, cfg: TrainConfig,
 
 
 def pooled_heldout(features: pd.DataFrame, labels, groups, cfg: TrainConfig, snr=None, kinds=None,
-                   label_noise: float = 0.0, extra=None) -> dict:
+                   label_noise: float = 0.0, extra=None, model_name: str | None = None) -> dict:
     """Every visit held out once: ``cfg.outer_folds`` visit folds, each predicted by a model (model choice,
     calibration, threshold) trained on the other folds only; metrics of the pooled held-out predictions.
+
+    ``model_name``: the model kind every fold trains (the one chosen on the training visits), instead of
+    repeating the choice in each fold.  The choice with its label-noise robustness test is 8 of every 10
+    CV fits, and this evaluation measures the chosen model kind, not the choosing: with it, the train rule
+    takes ~1 minute instead of ~3 on the default survey.
 
     With one quarter of the visits held out, a survey of 8 science visits keeps ~100 bogus for the metrics
     and FPR 1 % is one event; pooling the folds uses every labelled diaSource.  The confusion matrix
@@ -1200,6 +1206,8 @@ def pooled_heldout(features: pd.DataFrame, labels, groups, cfg: TrainConfig, snr
     s1 = np.full(len(y), np.nan)
     flip = rng_for(cfg.seed, "realbogus_label_noise_pooled").random(len(y)) < label_noise
     noisy = np.where(flip, 1 - y, y)
+    if model_name is not None:
+        cfg = TrainConfig(**{**cfg.__dict__, "models": (model_name,)})
     chosen = []
     for tr, te in GroupKFold(n_splits=k).split(features, y, g):
         if y[tr].min() == y[tr].max() or len(np.unique(g[tr])) < 2:

@@ -267,9 +267,12 @@ def test_pooled_heldout_every_visit_once(synth):
     """outer_folds: every visit predicted by a model that never saw it; pooled metrics, per-fold thresholds."""
     _, tab, feats = synth
     y = tab["label"].to_numpy()
-    cfg = rb.TrainConfig(**{**FAST, "outer_folds": 3, "hgb_max_iter": 60})
+    # two candidates with the robustness test: model_name makes every fold train the chosen one only
+    cfg = rb.TrainConfig(**{**FAST, "models": ("hgb", "rf"), "select_label_noise": 0.05, "outer_folds": 3,
+                            "hgb_max_iter": 60})
     res = rb.pooled_heldout(feats, y, tab["visit"].to_numpy(), cfg, snr=tab["det_snr"].to_numpy(),
-                            kinds=tab["kind"].to_numpy(), label_noise=0.05)
+                            kinds=tab["kind"].to_numpy(), label_noise=0.05, model_name="hgb")
+    assert res["fold_models"] == ["hgb"] * 3
     assert res["n_real"] + res["n_bogus"] == len(tab) and res["n_folds"] == 3 and len(res["fold_thresholds"]) == 3
     c = res["confusion"]
     assert c["tp"] + c["fn"] == res["n_real"] and c["fp"] + c["tn"] == res["n_bogus"]
