@@ -334,7 +334,7 @@ class StampSystem:
     npix: np.ndarray
     M_raw: np.ndarray | None = None  # before the noise debiasing: for chi2 and local fits
     local: tuple | None = None  # _local_fits' result, kept: it depends on the stamps only
-    normal: dict | None = None  # per-stamp spatial normal equations by (orders, geometry), kept for the CV folds
+    normal: dict | None = None  # per-stamp coefficient maps G by (orders, geometry), kept for the CV folds
 
 
 def stamp_system(src, tgt, weight, xs, ys, basis, half_stamp, var_src=None) -> StampSystem:
@@ -549,7 +549,7 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, in
         reason[bad_chi] = "chi2_local"
         good &= ~(bad_ks | bad_chi)
     lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)
-    G, A_all, B_all = _normal_equations(sys, lay, (x0, y0, sx, sy))
+    G = _normal_equations(sys, lay, (x0, y0, sx, sy))
     min_needed = max(cfg.min_stamps, int(np.ceil(cfg.stamps_per_term * lay.nk)))
     theta = None
     chi_sp = np.full(ns, np.nan)
@@ -557,9 +557,7 @@ def fit_spatial(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, in
         if good.sum() < min_needed:
             return None, f"{int(good.sum())} good stamps < {min_needed} needed for spatial order {spatial_order}"
         # sums over the good stamps as one matrix-vector product (no copy of the stamp matrices)
-        gw = good.astype(A_all.dtype)
-        A = np.tensordot(gw, A_all, 1)
-        B = gw @ B_all
+        A, B = _assemble(sys, lay, (x0, y0, sx, sy), good.astype(float))
         # tiny ridge: delta bases and high orders can be degenerate
         ridge = cfg.regularization * np.trace(A) / len(A) + 1e-12 * np.trace(A) / len(A)
         try:
@@ -592,16 +590,44 @@ def _layout_key(lay: _Layout, geom) -> tuple:
 
 
 def _normal_equations(sys: StampSystem, lay: _Layout, geom):
-    """Per-stamp (G, G^T M G, G^T b) for a layout, computed once per system and layout."""
+    """Per-stamp maps G (local coefficients = G theta) for a layout, computed once per system and layout."""
     key = _layout_key(lay, geom)
     if sys.normal is None:
         sys.normal = {}
     if key not in sys.normal:
         tk = poly_design(sys.x, sys.y, lay.korder, *geom)
         tb = poly_design(sys.x, sys.y, lay.bgorder, *geom)
-        G = lay.G(tk, tb)
-        sys.normal[key] = (G, (G.transpose(0, 2, 1) @ sys.M) @ G, np.einsum("nip,ni->np", G, sys.b))
+        sys.normal[key] = lay.G(tk, tb)
     return sys.normal[key]
+
+
+def _assemble(sys: StampSystem, lay: _Layout, geom, gw):
+    """Global normal equations A = sum_s gw_s G_s^T M_s G_s, B = sum_s gw_s G_s^T b_s.
+
+    G_s is a Kronecker pattern: local coefficient i (basis i, or the background) is a
+    polynomial vector v_s (t_k or t_b; 1 for a constant kernel sum) times one block of
+    theta.  So a block of A is sum_s gw_s M_s[i, j] v_s v_s'^T: one product over the
+    stamps per pair of row groups, instead of a (nparam x nparam) matrix per stamp
+    (at spatial order 4, 408^2 per stamp: 0.1 s and 150 MB for 120 stamps).
+    """
+    nb = lay.nb
+    tk = poly_design(sys.x, sys.y, lay.korder, *geom)
+    tb = poly_design(sys.x, sys.y, lay.bgorder, *geom)
+    v0 = np.ones((len(sys.x), 1)) if lay.const_ksum else tk
+    groups = [(slice(0, 1), v0, 0), (slice(1, nb), tk, lay.n0), (slice(nb, nb + 1), tb, lay.nparam - lay.nbg)]
+    groups = [g for g in groups if g[0].stop > g[0].start]
+    A = np.zeros((lay.nparam, lay.nparam))
+    B = np.zeros(lay.nparam)
+    for r1, v1, o1 in groups:
+        n1 = (r1.stop - r1.start) * v1.shape[1]
+        B[o1:o1 + n1] = np.einsum("si,sa->ia", gw[:, None] * sys.b[:, r1], v1).reshape(-1)
+        for r2, v2, o2 in groups:
+            n2 = (r2.stop - r2.start) * v2.shape[1]
+            W = (gw[:, None, None] * sys.M[:, r1, r2]).reshape(len(gw), -1)  # (s, i j)
+            P = (v1[:, :, None] * v2[:, None, :]).reshape(len(gw), -1)  # (s, a b)
+            blk = (W.T @ P).reshape(r1.stop - r1.start, r2.stop - r2.start, v1.shape[1], v2.shape[1])
+            A[o1:o1 + n1, o2:o2 + n2] = blk.transpose(0, 2, 1, 3).reshape(n1, n2)
+    return A, B
 
 
 def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, nfold: int = 5) -> float:
@@ -618,7 +644,7 @@ def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, n
     ns = len(sys.x)
     _local_fits(sys)  # once for all folds
     lay = _Layout(basis.shape[0], spatial_order, bg_order, cfg.constant_ksum)  # and the normal equations
-    G = _normal_equations(sys, lay, _geometry(shape))[0]
+    G = _normal_equations(sys, lay, _geometry(shape))
     fold = np.arange(ns) % nfold
     chi = np.full(ns, np.nan)
     for k in range(nfold):
@@ -760,15 +786,33 @@ def poly_maps(order: int, shape, x0, y0, sx, sy):
 
 
 def apply_kernel(sol: KernelSolution, src: np.ndarray) -> np.ndarray:
-    """src (*) K(x, y) + background(x, y), with one FFT convolution per spatial term."""
+    """src (*) K(x, y) + background(x, y): sum over spatial terms u^i v^j of src (*) K_ij, from one forward FFT.
+
+    The inverse 2-D transform is split by axis: each term's product is inverted along y,
+    weighted by v^j and summed over the terms of one x power i, and only those sums are
+    inverted along x and weighted by u^i (u^i commutes with the y transform, v^j with the x
+    one).  At spatial order 4 that is 15 inverse transforms along y and 5 along x instead of
+    15 of each (0.27 s instead of 0.36 s CPU at 1024^2), with the same values to float32 rounding.
+    """
     conv = FFTConvolver(src, sol.half)
+    ny, nx = src.shape
+    lx = conv.L[1]
+    u = ((np.arange(nx) - sol.x0) / sol.sx).astype(np.float32)
+    v = ((np.arange(ny) - sol.y0) / sol.sy).astype(np.float32)
     out = np.zeros(src.shape, np.float32)
-    for m, t in poly_maps(sol.spatial_order, src.shape, sol.x0, sol.y0, sol.sx, sol.sy):
-        cm = conv.convolve(sol.kernel_components[m].astype(np.float32))
-        if m == 0:
-            out += cm
-        else:
-            out += t * cm
+    terms = list(enumerate(poly_terms(sol.spatial_order)))
+    for i in sorted({i for _, (i, _) in terms}):
+        acc = None
+        for m, (ii, j) in terms:
+            if ii != i:
+                continue
+            g = sfft.ifft(conv.F * conv.kernel_fft(sol.kernel_components[m].astype(np.float32)), axis=0,
+                          workers=1)[:ny]
+            if j:
+                g *= (v**j)[:, None]
+            acc = g if acc is None else acc + g
+        cm = sfft.irfft(acc, n=lx, axis=1, workers=1)[:, :nx]
+        out += cm if i == 0 else (u**i)[None, :] * cm
     for m, t in poly_maps(sol.bg_order, src.shape, sol.x0, sol.y0, sol.sx, sol.sy):
         out += np.float32(sol.bg_coeffs[m]) * t
     return out
