@@ -630,7 +630,7 @@ def _assemble(sys: StampSystem, lay: _Layout, geom, gw):
     return A, B
 
 
-def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, nfold: int = 5) -> float:
+def heldout_chi2(sys: StampSystem, basis, cfg, shape, spatial_order, bg_order, nfold: int = 4) -> float:
     """Median reduced chi2 of stamps left out of the fit, over ``nfold`` folds of the stamps.
 
     Every stamp is predicted by the spatial kernel fitted (with the usual
@@ -785,6 +785,26 @@ def poly_maps(order: int, shape, x0, y0, sx, sy):
         yield m, (v[:, None] ** j) * (u[None, :] ** i)
 
 
+@numba.njit(cache=True, nogil=True)
+def _add_rows(acc, g, w, first):  # pragma: no cover - compiled
+    """acc[y] (=|+=) g[y] w[y] for the first acc.shape[0] rows (g may have more)."""
+    for y in range(acc.shape[0]):
+        wy = w[y]
+        for x in range(acc.shape[1]):
+            if first:
+                acc[y, x] = g[y, x] * wy
+            else:
+                acc[y, x] += g[y, x] * wy
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_cols(out, c, w):  # pragma: no cover - compiled
+    """out[:, x] += c[:, x] w[x] over out's shape (c may be larger)."""
+    for y in range(out.shape[0]):
+        for x in range(out.shape[1]):
+            out[y, x] += c[y, x] * w[x]
+
+
 def apply_kernel(sol: KernelSolution, src: np.ndarray) -> np.ndarray:
     """src (*) K(x, y) + background(x, y): sum over spatial terms u^i v^j of src (*) K_ij, from one forward FFT.
 
@@ -801,18 +821,18 @@ def apply_kernel(sol: KernelSolution, src: np.ndarray) -> np.ndarray:
     v = ((np.arange(ny) - sol.y0) / sol.sy).astype(np.float32)
     out = np.zeros(src.shape, np.float32)
     terms = list(enumerate(poly_terms(sol.spatial_order)))
+    buf = np.empty_like(conv.F)
+    acc = np.empty((ny, conv.F.shape[1]), conv.F.dtype)
     for i in sorted({i for _, (i, _) in terms}):
-        acc = None
+        first = True
         for m, (ii, j) in terms:
             if ii != i:
                 continue
-            g = sfft.ifft(conv.F * conv.kernel_fft(sol.kernel_components[m].astype(np.float32)), axis=0,
-                          workers=1)[:ny]
-            if j:
-                g *= (v**j)[:, None]
-            acc = g if acc is None else acc + g
-        cm = sfft.irfft(acc, n=lx, axis=1, workers=1)[:, :nx]
-        out += cm if i == 0 else (u**i)[None, :] * cm
+            np.multiply(conv.F, conv.kernel_fft(sol.kernel_components[m].astype(np.float32)), out=buf)
+            g = sfft.ifft(buf, axis=0, workers=1, overwrite_x=True)
+            _add_rows(acc, g, v**j, first)
+            first = False
+        _add_cols(out, sfft.irfft(acc, n=lx, axis=1, workers=1), u**i)
     for m, t in poly_maps(sol.bg_order, src.shape, sol.x0, sol.y0, sol.sx, sol.sy):
         out += np.float32(sol.bg_coeffs[m]) * t
     return out

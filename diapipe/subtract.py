@@ -67,8 +67,8 @@ with a masked pixel lost the brightest stars: at 0.2 % hot pixels nearly
 every kernel-extended window holds one.)
 
 Spatial order: ``spatial_order`` (4) is the most the kernel may vary; with
-``spatial_order_cv`` (default) each order 0..spatial_order is fitted to 4/5 of
-the stamps and scored on the fifth (5 folds, median reduced chi2, header
+``spatial_order_cv`` (default) each order 0..spatial_order is fitted to 3/4 of
+the stamps and scored on the fourth (4 folds, median reduced chi2, header
 KCVCHI<order>), and the order used (KORDER) is the highest one within
 ``spatial_order_cv_tolerance`` (5%) of the best score.  The held-out chi2 is
 ruled by the many faint stamps, which barely tell the orders apart (on the
@@ -409,8 +409,9 @@ MAX_MODEL_MISFIT = 0.03
 # neighbour noise correlation above which 'blank sky' is taken to be source light, not noise
 MAX_NOISE_RHO1 = 0.5
 #: At most this many pixels (a central window) enter the noise measurement: the
-#: correlation is local, and 1 Mpx give each coefficient to ~0.001.
-NOISE_MAX_PIXELS = 1 << 19
+#: correlation is local, and 256k px give the variance scale to 0.3% (sqrt(2/N)) and each
+#: correlation coefficient to ~0.002.
+NOISE_MAX_PIXELS = 1 << 18
 
 
 def _robust_var(values) -> float:
