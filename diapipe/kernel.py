@@ -22,6 +22,7 @@ Units: positions in pixels (0-based, x = column); sigmas in pixels.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -750,8 +751,13 @@ def small_kernel_rfft2(kernel: np.ndarray, L) -> np.ndarray:
     rows[:, :k] = kernel
     rows = np.roll(rows, -h, axis=1)  # x offsets -h..h wrapped to the grid's origin
     R = sfft.rfft(rows, axis=1, workers=1)  # (k, lx//2+1); row j is y offset j - h
-    ey = np.exp((-2j * np.pi / ly) * np.outer(np.arange(ly), np.arange(-h, h + 1))).astype(np.complex64)
-    return ey @ R.astype(np.complex64)
+    return _dft_rows(ly, h) @ R.astype(np.complex64)
+
+
+@functools.lru_cache(maxsize=16)
+def _dft_rows(ly: int, h: int) -> np.ndarray:
+    """(ly, 2h+1) complex64 DFT matrix along y for offsets -h..h (shared by every kernel of a convolver)."""
+    return np.exp((-2j * np.pi / ly) * np.outer(np.arange(ly), np.arange(-h, h + 1))).astype(np.complex64)
 
 
 class FFTConvolver:
