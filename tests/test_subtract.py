@@ -426,3 +426,27 @@ def test_nanmedian_last_equals_numpy():
         want = np.nanmedian(a, axis=-1)
     assert np.array_equal(nanmedian_last(a), want, equal_nan=True)
     assert np.array_equal(nanmedian_last(a.reshape(42, 33)), want.reshape(42), equal_nan=True)
+
+
+def test_spatial_order_choice_is_the_highest_within_tolerance():
+    """The order used is the most flexible one whose held-out stamp chi2 is within
+    spatial_order_cv_tolerance of the best; an order that clearly predicts worse is refused."""
+    s, t, truth = make_pair(512, 1.5, seed=3)
+    d = subtract(s, t)
+    m = d.metadata
+    cv = {o: m[f"KCVCHI{o}"] for o in range(m["KORDREQ"] + 1) if m[f"KCVCHI{o}"] > 0}
+    best = min(cv.values())
+    assert m["KORDREQ"] == 4 and m["KORDCV"] is True
+    assert m["KORDER"] == max(o for o, v in cv.items() if v <= 1.05 * best)
+    assert m["KORDER"] >= 1  # measured: 2 (orders 0-2 within 1.5%; 3 and 4 need more stamps than 26)
+    # tolerance 0: the best-scoring order itself
+    d0 = subtract(s, t, {"spatial_order_cv_tolerance": 0.0})
+    assert d0.metadata["KORDER"] == min(cv, key=cv.get)
+    # science convolved (debiased normal equations): higher orders fit noise and score clearly worse
+    s8, t8, truth8 = make_pair(512, 0.8, seed=3)
+    d8 = subtract(s8, t8)
+    m8 = d8.metadata
+    assert m8["CONVDIR"] == "science" and m8["KORDER"] == 0
+    assert max(m8[f"KCVCHI{o}"] for o in (1, 2)) > 1.05 * m8["KCVCHI0"]
+    _, stars, _ = residual_stats(d8, truth8)
+    assert abs(stars - 1) < 0.02
