@@ -450,3 +450,43 @@ def test_spatial_order_choice_is_the_highest_within_tolerance():
     assert max(m8[f"KCVCHI{o}"] for o in (1, 2)) > 1.05 * m8["KCVCHI0"]
     _, stars, _ = residual_stats(d8, truth8)
     assert abs(stars - 1) < 0.02
+
+
+@pytest.mark.parametrize("const_ksum,korder,bgorder", [(True, 4, 1), (False, 2, 0), (True, 0, 0)])
+def test_assembled_normal_equations_equal_per_stamp_sums(const_ksum, korder, bgorder):
+    """The block-by-block assembly equals sum_s w_s G_s^T M_s G_s and sum_s w_s G_s^T b_s."""
+    rng = np.random.default_rng(0)
+    ns, nb = 40, 12
+    X = rng.normal(size=(ns, nb + 1, 80))
+    M = X @ X.transpose(0, 2, 1)
+    b = rng.normal(size=(ns, nb + 1))
+    sysm = kmod.StampSystem(rng.uniform(0, 2000, ns), rng.uniform(0, 2000, ns), M, b, np.ones(ns),
+                            np.full(ns, 300), M.copy())
+    lay = kmod._Layout(nb, korder, bgorder, const_ksum)
+    geom = (1000.0, 1000.0, 1000.0, 1000.0)
+    G = kmod._normal_equations(sysm, lay, geom)
+    gw = (rng.random(ns) > 0.3).astype(float)
+    A_ref = np.tensordot(gw, (G.transpose(0, 2, 1) @ M) @ G, 1)
+    B_ref = gw @ np.einsum("nip,ni->np", G, b)
+    A, B = kmod._assemble(sysm, lay, geom, gw)
+    assert np.abs(A - A_ref).max() <= 1e-12 * np.abs(A_ref).max()
+    assert np.abs(B - B_ref).max() <= 1e-12 * np.abs(B_ref).max()
+
+
+def test_apply_kernel_equals_one_convolution_per_term():
+    """The axis-split inverse transform gives sum_m t_m(x, y) (src (*) K_m) + background."""
+    rng = np.random.default_rng(1)
+    ny, nx, order, half = 200, 237, 3, 6
+    src = (rng.normal(size=(ny, nx)) * 10 + 100).astype(np.float32)
+    nt = (order + 1) * (order + 2) // 2
+    comps = rng.normal(size=(nt, 2 * half + 1, 2 * half + 1)) * 0.01
+    comps[0, half, half] = 1.0
+    sol = kmod.KernelSolution(comps, order, np.array([1.0, 0.1, 0.2]), 1, nx / 2, ny / 2, nx / 2, ny / 2)
+    conv = kmod.FFTConvolver(src, half)
+    ref = np.zeros(src.shape)
+    for m, t in kmod.poly_maps(order, src.shape, sol.x0, sol.y0, sol.sx, sol.sy):
+        ref += t * conv.convolve(comps[m].astype(np.float32))
+    for m, t in kmod.poly_maps(1, src.shape, sol.x0, sol.y0, sol.sx, sol.sy):
+        ref += sol.bg_coeffs[m] * t
+    out = kmod.apply_kernel(sol, src)
+    assert np.abs(out - ref).max() <= 2e-6 * np.abs(ref).max()
