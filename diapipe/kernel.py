@@ -361,24 +361,25 @@ def stamp_system(src, tgt, weight, xs, ys, basis, half_stamp, var_src=None) -> S
         return StampSystem(np.asarray(xs, float), np.asarray(ys, float), M, bvec, c, npix, M_raw)
     # basis FFTs on the stamp grid (kernel centred at the origin, wrapped)
     Lf = sfft.next_fast_len(L, real=True)
-    kp = np.zeros((nb, Lf, Lf))
+    kp = np.zeros((nb, Lf, Lf), np.float32)
     kp[:, :k, :k] = basis
     kp = np.roll(kp, (-h, -h), axis=(1, 2))
-    Bf = sfft.rfft2(kp, axes=(1, 2))
+    Bf = sfft.rfft2(kp, axes=(1, 2), workers=1)
     hs = half_stamp
     gram = basis.reshape(nb, -1) @ basis.reshape(nb, -1).T
     chunk = max(1, int(4e7 // (nb * Lf * Lf * 16)))
     for start in range(0, ns, chunk):
         sl = slice(start, min(ns, start + chunk))
-        cut = np.zeros((sl.stop - sl.start, Lf, Lf))
+        cut = np.zeros((sl.stop - sl.start, Lf, Lf), np.float32)
         ycut = np.zeros((sl.stop - sl.start, S, S))
         wcut = np.zeros((sl.stop - sl.start, S, S))
         for n, (x, y) in enumerate(zip(xs[sl], ys[sl])):
             cut[n, :L, :L] = src[y - hs - h : y + hs + h + 1, x - hs - h : x + hs + h + 1]
             ycut[n] = tgt[y - hs : y + hs + 1, x - hs : x + hs + 1]
             wcut[n] = weight[y - hs : y + hs + 1, x - hs : x + hs + 1]
-        Tf = sfft.rfft2(cut, axes=(1, 2))
-        conv = sfft.irfft2(Tf[:, None] * Bf[None], s=(Lf, Lf), axes=(2, 3))[:, :, h : h + S, h : h + S]
+        Tf = sfft.rfft2(cut, axes=(1, 2), workers=1)
+        conv = sfft.irfft2(Tf[:, None] * Bf[None], s=(Lf, Lf), axes=(2, 3), workers=1)[:, :, h : h + S, h : h + S]
+        conv = conv.astype(np.float64)
         X = np.concatenate([conv.reshape(len(ycut), nb, S * S), np.ones((len(ycut), 1, S * S))], axis=1)
         w = wcut.reshape(len(ycut), 1, S * S)
         yv = ycut.reshape(len(ycut), S * S)
