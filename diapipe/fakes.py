@@ -112,10 +112,9 @@ def choose_positions(exposure: Exposure, n_isolated: int, hosts: pd.DataFrame | 
         order = rng.permutation(len(h))
         reff_px = None
         if "reff" in h and exposure.wcs is not None:
-            from astropy.wcs.utils import proj_plane_pixel_scales
+            from .warp import pixel_scale_arcsec
 
-            scale = float(np.mean(proj_plane_pixel_scales(exposure.wcs.celestial))) * 3600.0  # arcsec/px
-            reff_px = np.nan_to_num(h["reff"].to_numpy(float)) / scale
+            reff_px = np.nan_to_num(h["reff"].to_numpy(float)) / pixel_scale_arcsec(exposure.wcs.celestial)
         for k in order:
             if len(rows) >= n_hosts:
                 break
