@@ -676,7 +676,7 @@ def _accumulate(img, var, msk, rej, wt, reject_bits, nodata_bit, plane_bits, num
 def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject: bool = True, nsigma: float = 5.0,
                    nsigma_low: float = 2.5, ampfrac: float = 0.5, matched_ampfrac: float = 0.2,
                    grow: int | None = None, psf_order: int = 1,
-                   psf_grid: int = 5, mask_threshold: float = 0.5, sat_threshold: float = 0.1,
+                   psf_grid: int = 5, mask_threshold: float = 1.0, sat_threshold: float = 0.1,
                    homogenize: bool = False, homogenize_margin: float = 1.15, target_psf=None,
                    data_id: dict | None = None,
                    rejected: list | None = None) -> Exposure:
@@ -684,7 +684,9 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
 
     Returns an Exposure in nJy (MAGZERO 31.4) with variance, mask (NO_DATA
     where nothing contributes; BAD/CR/... where more than ``mask_threshold``
-    of the covering inputs, by weight, had them; SAT already above
+    of the covering inputs, by weight, had them, and always where no input is
+    usable, with SUSPECT; the default 1 propagates them only there, as LSST's
+    coadds do not carry BAD or CR: the other inputs give the pixel a value; SAT already above
     ``sat_threshold``, as LSST's maskPropagationThresholds), a PixelPsf, and the inputs
     listed in the metadata (INPUT<k> = visit, WEIGHT<k>), and an extra image
     HDU NIMAGE with the number of visits used per pixel.

@@ -192,6 +192,36 @@ def test_star_saturated_in_the_sharpest_visit_is_sat_in_the_coadd(survey):
     assert not masks.is_set(old.mask, "SAT").any()
 
 
+def test_bad_pixels_of_half_the_visits_are_not_bad_in_the_coadd(survey):
+    """Bad columns of the three heaviest visits of six crossing one sky pixel (over half the weight):
+    the other three give it a value (their weighted mean), so the coadd does not flag it BAD (LSST
+    does not propagate BAD); where every visit is bad the pixel has no usable input: BAD and SUSPECT."""
+    warps = [w.copy() for w in survey["clean_warps"][0]]
+    w0 = assemble_coadd(warps, reject=False)
+    wt = np.array([w0.metadata[f"WEIGHT{i}"] for i in range(len(warps))])
+    heavy = set(np.argsort(wt)[::-1][:3].tolist())
+    assert wt[list(heavy)].sum() > 0.5
+    half = (slice(60, 64), slice(60, 62))
+    every = (slice(90, 92), slice(90, 92))
+    for i, w in enumerate(warps):
+        m = np.zeros(w.shape, bool)
+        m[every] = True
+        if i in heavy:
+            m[half] = True
+        masks.set_plane(w.mask, m, "BAD")
+    co = assemble_coadd(warps, reject=False)
+    assert not masks.is_set(co.mask[half], *masks.BAD_PLANES).any()
+    rest = [i for i in range(len(warps)) if i not in heavy]
+    good_mean = sum(wt[i] * warps[i].image[half] for i in rest) / wt[rest].sum()
+    # to a small fraction of one visit's pixel noise (the stack's weights are per pixel)
+    sigma = np.sqrt(np.median(warps[rest[0]].variance))
+    assert np.abs(co.image[half] - good_mean).max() < 0.05 * sigma
+    assert masks.is_set(co.mask[every], "BAD").all() and masks.is_set(co.mask[every], "SUSPECT").all()
+    # the former default, 0.5 of the weight, flagged the half-bad pixel
+    old = assemble_coadd(warps, reject=False, mask_threshold=0.5)
+    assert masks.is_set(old.mask[half], "BAD").all()
+
+
 def test_stack_median_and_two_visit_reference_match_numpy():
     """The compiled median stack: np.nanmedian, the NaN count, and (pi/2) mean variance / n."""
     from diapipe.coadd import _reference
