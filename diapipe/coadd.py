@@ -678,7 +678,7 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
                    grow: int | None = None, psf_order: int = 1,
                    psf_grid: int = 5, mask_threshold: float = 1.0, sat_threshold: float = 0.1,
                    homogenize: bool = False, homogenize_margin: float = 1.15, target_psf=None,
-                   data_id: dict | None = None,
+                   fill_rejected: bool = True, data_id: dict | None = None,
                    rejected: list | None = None) -> Exposure:
     """Weighted-mean coadd of warps on one patch, with artefact rejection and its PSF.
 
@@ -699,6 +699,13 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     of a band the same one (``homogenization_target`` over all their warps), or
     the templates of neighbouring patches would differ in PSF at their seams.
     The visit weights stay those of the unconvolved warps.
+
+    ``fill_rejected``: a visit's pixel that covers the sky but is not used
+    (a bad column, cosmic ray, saturated core or rejected artefact) is
+    replaced in the mean by the other visits' mean there, convolved to that
+    visit's PSF (``fill_rejected_pixels``), so the coadd PSF stays the full
+    mix of the visits instead of stepping at every rejected pixel.  The
+    variance stays that of the pixels actually used, and NIMAGE counts them.
     """
     warps = [w for w in warps if w.metadata.get("COVERAGE", 1.0) > 0 and (~masks.is_set(w.mask, "NO_DATA")).any()]
     if not warps:
@@ -754,7 +761,15 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     image = np.zeros(shape)
     variance = np.zeros(shape)
     good = den > 0
-    image[good] = num[good] / den[good]
+    filled_maps = None
+    if fill_rejected and len(warps) > 1:
+        fnum, fden, filled_maps = fill_rejected_pixels(warps, wts, used_maps, num, den)
+        image[good] = (num[good] + fnum[good]) / (den[good] + fden[good])
+        meta_fill = float(np.mean([f.sum() for f in filled_maps])) / max(float(good.sum()), 1.0)
+    else:
+        image[good] = num[good] / den[good]
+        meta_fill = 0.0
+    # the variance of the pixels used: a filled value is the other visits' own light, no new information
     variance[good] = vnum[good] / den[good] ** 2
     mask = np.zeros(shape, masks.MASK_DTYPE)
     nodata = cover == 0
@@ -772,7 +787,8 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     masks.set_plane(mask, lost, "SUSPECT")
     variance[~np.isfinite(variance)] = 0.0  # on disk: 0 with SUSPECT/NO_DATA set means "no estimate"
     wcs = warps[0].wcs
-    psf = coadd_psf(warps, wts, used_maps, order=psf_order, grid=psf_grid)
+    psf_maps = used_maps if filled_maps is None else [u | f for u, f in zip(used_maps, filled_maps)]
+    psf = coadd_psf(warps, wts, psf_maps, order=psf_order, grid=psf_grid)
     meta = {"band": warps[0].metadata.get("band"), "BUNIT": "nJy", "MAGZERO": COADD_MAGZERO}
     meta.update(data_id or {})
     meta["NVISITS"] = len(warps)
@@ -790,6 +806,7 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     ncor = np.array([float(w.metadata.get("NOISECOR", 1.0)) for w in warps])
     meta["NOISECOR"] = float(np.sum(cw**2 * mv * ncor) / max(np.sum(cw**2 * mv), 1e-300))
     meta["REJFRAC"] = rejfrac
+    meta["FILLFRAC"] = meta_fill  # filled pixels per visit / coadd pixels with data
     meta["HOMOGEN"] = homog is not None
     extra = []
     if homog is not None:
@@ -815,6 +832,81 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
     hdr["COMMENT"] = "number of input visits used per pixel"
     nim = fits.ImageHDU(nimage, header=hdr, name="NIMAGE")
     return Exposure(MaskedImage(image, mask, variance), wcs=wcs.deepcopy(), psf=psf, metadata=meta, extra_hdus=[nim] + extra)
+
+
+#: Side (px) of the cells within which one matching kernel per visit fills its rejected pixels.
+FILL_CELL = 256
+
+
+def fill_rejected_pixels(warps, wts, used_maps, num, den, cell: int = FILL_CELL, reg: float = 1e-3):
+    """Sums (fill numerator, fill weight, filled maps) that put each visit back where it was not used.
+
+    For visit i, a pixel with data (not NO_DATA) that the mean did not use gets the mean of the
+    other visits used there, O_i = (num - w_i T_i used_i) / (den - w_i used_i), convolved with the
+    kernel that takes their PSF (the weighted mean of their PSFs) to visit i's, and enters the
+    mean with weight w_i.  Without it the coadd PSF at a bad column or cosmic ray of one visit is
+    the mix of the others, which no smooth subtraction kernel follows: a bright star there leaves
+    a residual in every difference image.  One kernel per visit and ``cell`` x ``cell`` cell
+    (PSFs at the cell centre); the convolution is normalised over the pixels O_i exists at.
+    Where no other visit is used nothing is filled (the pixel stays lost).  Units: those of the
+    warps (nJy).
+    """
+    from scipy import signal
+
+    shape = num.shape
+    fnum = np.zeros(shape)
+    fden = np.zeros(shape)
+    filled = [np.zeros(shape, bool) for _ in warps]
+    nod = masks.bit("NO_DATA")
+    size = max((w.psf.size for w in warps if w.psf is not None), default=0)
+    if size == 0:
+        return fnum, fden, filled
+    h = size // 2
+    tiny = 1e-6 * float(np.max(wts))  # den - w_i is a rounding residue where visit i was alone
+    for i, (w, wt, use) in enumerate(zip(warps, wts, used_maps)):
+        if w.psf is None:
+            continue
+        holes = ~use & ((np.asarray(w.mask) & nod) == 0)
+        if not holes.any():
+            continue
+        others_den = den - wt * use
+        holes &= others_den > tiny
+        for y0 in range(0, shape[0], cell):
+            for x0 in range(0, shape[1], cell):
+                y1, x1 = min(y0 + cell, shape[0]), min(x0 + cell, shape[1])
+                hc = holes[y0:y1, x0:x1]
+                if not hc.any():
+                    continue
+                yc, xc = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2
+                # the others' PSF at the cell centre: weighted mean over the visits used in the cell
+                acc, tot = np.zeros((size, size)), 0.0
+                for j, (wj, wtj, uj) in enumerate(zip(warps, wts, used_maps)):
+                    if j == i or wj.psf is None or not uj[y0:y1, x0:x1].any():
+                        continue
+                    st = wj.psf.image(xc, yc)
+                    acc += wtj * (np.pad(st, (size - st.shape[0]) // 2) if st.shape[0] != size else st)
+                    tot += wtj
+                if tot <= 0:
+                    continue
+                pi = w.psf.image(xc, yc)
+                pi = np.pad(pi, (size - pi.shape[0]) // 2) if pi.shape[0] != size else pi
+                k = matching_kernel(acc / tot, pi, reg=reg)
+                by0, by1, bx0, bx1 = max(y0 - h, 0), min(y1 + h, shape[0]), max(x0 - h, 0), min(x1 + h, shape[1])
+                ob = others_den[by0:by1, bx0:bx1]
+                ok = ob > tiny
+                onum = num[by0:by1, bx0:bx1] - wt * np.where(use[by0:by1, bx0:bx1], w.image[by0:by1, bx0:bx1], 0.0)
+                o = np.where(ok, onum / np.where(ok, ob, 1.0), 0.0)
+                cv = signal.fftconvolve(o, k, mode="same")
+                cw = signal.fftconvolve(ok.astype(float), k, mode="same")
+                sub = (slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+                cvs, cws = cv[sub], cw[sub]
+                # normalised convolution; skip where the kernel's support is mostly missing
+                fill = hc & (cws > 0.5)
+                val = cvs[fill] / cws[fill]
+                fnum[y0:y1, x0:x1][fill] += wt * val
+                fden[y0:y1, x0:x1][fill] += wt
+                filled[i][y0:y1, x0:x1][fill] = True
+    return fnum, fden, filled
 
 
 def coadd_psf(warps, wts, used_maps, order: int = 1, grid: int = 5) -> PixelPsf | None:

@@ -209,7 +209,9 @@ def test_bad_pixels_of_half_the_visits_are_not_bad_in_the_coadd(survey):
         if i in heavy:
             m[half] = True
         masks.set_plane(w.mask, m, "BAD")
-    co = assemble_coadd(warps, reject=False)
+    assert not masks.is_set(assemble_coadd(warps, reject=False).mask[half], *masks.BAD_PLANES).any()
+    # without the PSF-matched fill of the bad visits, the pixel is the other visits' weighted mean
+    co = assemble_coadd(warps, reject=False, fill_rejected=False)
     assert not masks.is_set(co.mask[half], *masks.BAD_PLANES).any()
     rest = [i for i in range(len(warps)) if i not in heavy]
     good_mean = sum(wt[i] * warps[i].image[half] for i in rest) / wt[rest].sum()
@@ -220,6 +222,40 @@ def test_bad_pixels_of_half_the_visits_are_not_bad_in_the_coadd(survey):
     # the former default, 0.5 of the weight, flagged the half-bad pixel
     old = assemble_coadd(warps, reject=False, mask_threshold=0.5)
     assert masks.is_set(old.mask[half], "BAD").all()
+
+
+def test_filled_bad_column_keeps_the_star_of_the_full_mix(survey):
+    """A 2-px bad column through the 8 brightest stars of one visit: without the fill the coadd's star
+    there is the other five visits' PSF mix, which its PSF model and every subtraction kernel miss;
+    with the fill (the others' mean convolved to that visit's PSF) it stays the six-visit star.
+    Measured against the coadd without the bad column, in its sigma, over 15 x 15 star boxes: for the
+    sharpest visit (whose PSF the fill reaches by a regularised deconvolution) and the broadest."""
+    warps = survey["clean_warps"][0]
+    ref = assemble_coadd(warps, reject=False)
+    x, y = ref.wcs.all_world2pix(survey["stars"]["ra"], survey["stars"]["dec"], 0)
+    flux = np.asarray(survey["stars"]["flux_njy"])
+    inside = np.flatnonzero((x > 20) & (y > 20) & (x < ref.shape[1] - 20) & (y < ref.shape[0] - 20))
+    bright = inside[np.argsort(-flux[inside])][:8]
+    column = np.zeros(ref.shape, bool)
+    boxes = np.zeros(ref.shape, bool)
+    for k in bright:
+        xi, yi = int(round(x[k])), int(round(y[k]))
+        column[yi - 6:yi + 7, xi - 1:xi + 1] = True
+        boxes[yi - 7:yi + 8, xi - 7:xi + 8] = True
+    fwhm = [w.metadata["PSFFWHM"] for w in warps]
+    rms = {}
+    for which, name in ((int(np.argmin(fwhm)), "sharpest"), (int(np.argmax(fwhm)), "broadest")):
+        ws = [w.copy() for w in warps]
+        masks.set_plane(ws[which].mask, column, "BAD")
+        for fill in (False, True):
+            co = assemble_coadd(ws, reject=False, fill_rejected=fill)
+            z = (co.image - ref.image)[boxes] / np.sqrt(ref.variance[boxes])
+            rms[name, fill] = float(np.sqrt(np.mean(z**2)))
+            assert not masks.is_set(co.mask[column], *masks.BAD_PLANES).any()
+    # measured: sharpest 2.13 -> 0.85, broadest 2.85 -> 0.46
+    assert rms["sharpest", False] > 1.8 and rms["broadest", False] > 1.8
+    assert rms["sharpest", True] < 1.1 and rms["broadest", True] < 0.7
+    assert rms["sharpest", True] < 0.5 * rms["sharpest", False]
 
 
 def test_stack_median_and_two_visit_reference_match_numpy():

@@ -31,6 +31,7 @@ try:
         psf_grid=c["psf_grid"],
         mask_threshold=c["mask_threshold"],
         sat_threshold=c["sat_threshold"],
+        fill_rejected=c["fill_rejected"],
         homogenize=c["homogenize"],
         homogenize_margin=c["homogenize_margin"],
         target_psf=fits.getdata(sm.input.target_psf[0]) if sm.input.target_psf else None,
