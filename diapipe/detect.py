@@ -470,11 +470,12 @@ def _median_profile(index, values) -> np.ndarray:
                      for k in range(n)])
 
 
-def _peaks(nu, labels, n, sign):
-    """Per label: (x, y, nu) of the extreme pixel, bounding slices, pixel counts.
+def _peaks(nu, labels, n, sign, valid=None):
+    """Per label: (x, y, nu) of the extreme valid pixel, bounding slices, valid pixel counts.
 
     Works inside each footprint's bounding box (ndimage.maximum_position on
-    the full image argsorts every pixel: far too slow on 4k x 4k images).
+    the full image argsorts every pixel: far too slow on 4k x 4k images).  A
+    footprint without a valid pixel gets count 0 (and so fails min_pixels).
     """
     if n == 0:
         return [], [], np.zeros(0, int)
@@ -482,6 +483,11 @@ def _peaks(nu, labels, n, sign):
     peaks, npix = [], np.zeros(n, int)
     for i, sl in enumerate(slices):
         inside = labels[sl] == i + 1
+        if valid is not None:
+            inside &= valid[sl]
+            if not inside.any():
+                peaks.append((sl[1].start, sl[0].start, 0.0))
+                continue
         vals = np.where(inside, nu[sl] * sign, -np.inf)
         k = int(np.argmax(vals))
         py, px = np.unravel_index(k, vals.shape)
@@ -504,14 +510,23 @@ def _grow_into(mask, labels, slices, grow, plane):
         mask[y0:y1, x0:x1][fp] |= value
 
 
+#: Masked gaps up to 2 * this wide (px) do not split a footprint.
+BRIDGE_PX = 2
+
+
 def _footprints(nu, valid, thr, cfg, fwhm, mask):
     polarity = cfg["polarity"]
-    pos_map = (nu >= thr) & valid if polarity in ("both", "positive") else np.zeros(nu.shape, bool)
-    neg_map = (nu <= -thr) & valid if polarity in ("both", "negative") else np.zeros(nu.shape, bool)
+    # A footprint continues across a masked column (or any gap up to 2 BRIDGE_PX wide): a source
+    # next to a bad column was split in two, and the half beside the column became a second,
+    # spurious diaSource 3-5 px from the first, its centroid failing against the masked pixels.
+    # Peaks and pixel counts stay on valid pixels.
+    reach = valid | (ndimage.binary_dilation(valid, iterations=BRIDGE_PX) & (nu != 0))
+    pos_map = (nu >= thr) & reach if polarity in ("both", "positive") else np.zeros(nu.shape, bool)
+    neg_map = (nu <= -thr) & reach if polarity in ("both", "negative") else np.zeros(nu.shape, bool)
     lab_p, n_p = ndimage.label(pos_map)
     lab_n, n_n = ndimage.label(neg_map)
-    pk_p, sl_p, np_p = _peaks(nu, lab_p, n_p, +1)
-    pk_n, sl_n, np_n = _peaks(nu, lab_n, n_n, -1)
+    pk_p, sl_p, np_p = _peaks(nu, lab_p, n_p, +1, valid)
+    pk_n, sl_n, np_n = _peaks(nu, lab_n, n_n, -1, valid)
     keep_p = np_p >= cfg["min_pixels"]
     keep_n = np_n >= cfg["min_pixels"]
 

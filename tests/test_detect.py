@@ -168,6 +168,25 @@ def test_masked_pixels_do_not_make_detections():
     assert len(detect.detect(e).candidates) == 0
 
 
+@pytest.mark.parametrize("offset", [2.4, 3.6, 4.8])
+def test_source_beside_a_masked_column_is_one_diasource_at_the_source(offset):
+    """A bright source 2-5 px from a masked bad column: one diaSource with a good centroid at the source.
+    Before, the column split its footprint and the half beside the column was a second diaSource 3-5 px
+    away whose centroid failed (on the survey it was labelled bogus, its true source taken by the other)."""
+    x0, y0 = 60.3, 64.6
+    e = make_diffexp((128, 128), FWHM, SIGMA, [(x0, y0, 20000.0)], seed=21)
+    col = int(round(x0 + offset))
+    e.image[:, col] = 0.0  # as subtraction leaves a masked column
+    bad = np.zeros(e.shape, bool)
+    bad[:, col] = True
+    masks.set_plane(e.mask, bad, "BAD")
+    tab, _, _ = measure.detect_and_measure(e)
+    assert len(tab) == 1
+    r = tab.iloc[0]
+    assert not r["centroid_flag"] and np.hypot(r["x"] - x0, r["y"] - y0) < 0.3
+    assert abs(r["psfFlux"] / 20000 - 1) < 0.05
+
+
 def test_scorr_is_used_when_present():
     e = make_diffexp((128, 128), FWHM, SIGMA, seed=9)
     score = np.zeros(e.shape, np.float32)
