@@ -838,13 +838,14 @@ def assemble_coadd(warps: list[Exposure], *, weighting: str = "variance", reject
 FILL_CELL = 256
 
 
-def fill_rejected_pixels(warps, wts, used_maps, num, den, cell: int = FILL_CELL, reg: float = 1e-3):
+def fill_rejected_pixels(warps, wts, used_maps, num, den, cell: int = FILL_CELL, reg: float = 1e-4):
     """Sums (fill numerator, fill weight, filled maps) that put each visit back where it was not used.
 
     For visit i, a pixel with data (not NO_DATA) that the mean did not use gets the mean of the
     other visits used there, O_i = (num - w_i T_i used_i) / (den - w_i used_i), convolved with the
     kernel that takes their PSF (the weighted mean of their PSFs) to visit i's, and enters the
-    mean with weight w_i.  Without it the coadd PSF at a bad column or cosmic ray of one visit is
+    mean with weight w_i (``reg``: the Wiener term, relative to max |P|^2; the kernel deconvolves
+    when visit i is the sharper).  Without it the coadd PSF at a bad column or cosmic ray of one visit is
     the mix of the others, which no smooth subtraction kernel follows: a bright star there leaves
     a residual in every difference image.  One kernel per visit and ``cell`` x ``cell`` cell
     (PSFs at the cell centre); the convolution is normalised over the pixels O_i exists at.

@@ -252,9 +252,9 @@ def test_filled_bad_column_keeps_the_star_of_the_full_mix(survey):
             z = (co.image - ref.image)[boxes] / np.sqrt(ref.variance[boxes])
             rms[name, fill] = float(np.sqrt(np.mean(z**2)))
             assert not masks.is_set(co.mask[column], *masks.BAD_PLANES).any()
-    # measured: sharpest 2.13 -> 0.85, broadest 2.85 -> 0.46
+    # measured: sharpest 2.13 -> 0.49, broadest 2.85 -> 0.36
     assert rms["sharpest", False] > 1.8 and rms["broadest", False] > 1.8
-    assert rms["sharpest", True] < 1.1 and rms["broadest", True] < 0.7
+    assert rms["sharpest", True] < 0.7 and rms["broadest", True] < 0.5
     assert rms["sharpest", True] < 0.5 * rms["sharpest", False]
 
 
