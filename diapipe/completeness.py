@@ -284,6 +284,44 @@ def curve(matched: pd.DataFrame, by: str, bins) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _relabel_host_blends(lab, mid, xy, radius_max, tf, kinds, truth_sources, f) -> None:
+    """A diaSource matched to a static galaxy that hosts a fake or a transient within ``radius_max``
+    px of it takes the nearest of those (in place).
+
+    A galaxy does not vary, while its fake or supernova does: when the two blend (a host fake and
+    a supernova 2 px on either side of the nucleus), the centroid lands on the nucleus, beyond the
+    match radius of both, and the diaSource was labelled a static-source residual."""
+    cand = np.flatnonzero(lab == "artefact")
+    if not cand.size:
+        return
+    host_of = truth_sources.set_index("source_id")["host_id"] if "host_id" in truth_sources else None
+    rows = []  # (x, y, hostId, label, id) of every hosted fake / transient on this exposure
+    if host_of is not None and len(tf):
+        k = kinds.reindex(tf["source_id"]).to_numpy()
+        h = host_of.reindex(tf["source_id"]).to_numpy()
+        for x, y, sid, kk, hh in zip(tf["x"].to_numpy(float), tf["y"].to_numpy(float), tf["source_id"].to_numpy(),
+                                     k, h):
+            if kk in TRANSIENT_KINDS and kk not in ("star", "galaxy") and np.isfinite(hh) and hh >= 0:
+                rows.append((x, y, int(hh), TRANSIENT_KINDS[kk], int(sid)))
+    if f is not None and len(f) and "hostId" in f:
+        for x, y, hh, fid in zip(f["x"].to_numpy(float), f["y"].to_numpy(float), f["hostId"].to_numpy(),
+                                 f["fakeId"].to_numpy()):
+            if np.isfinite(hh) and hh >= 0:
+                rows.append((x, y, int(hh), "fake", int(fid)))
+    if not rows:
+        return
+    rx, ry = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    rh = np.array([r[2] for r in rows])
+    for i in cand:
+        if kinds.get(mid[i]) != "galaxy":
+            continue
+        dist = np.hypot(rx - xy[i, 0], ry - xy[i, 1])
+        ok = (rh == mid[i]) & (dist <= radius_max)
+        if ok.any():
+            j = int(np.flatnonzero(ok)[np.argmin(dist[ok])])
+            lab[i], mid[i] = rows[j][3], rows[j][4]
+
+
 def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes: pd.DataFrame | None = None,
              truth_sources: pd.DataFrame | None = None, radius: float = 2.0, nsigma: float = 0.0,
              radius_max: float | None = None) -> pd.DataFrame:
@@ -316,6 +354,7 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
                 hit = j >= 0
                 lab[hit] = TRANSIENT_KINDS[group[0]]
                 mid[hit] = t["source_id"].to_numpy()[j[hit]]
+        f = None
         if fakes is not None and len(fakes):
             f = fakes[(fakes["visit"] == v) & (fakes["detector"] == d)]
             if len(f):
@@ -323,6 +362,8 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
                 hit = j >= 0
                 lab[hit] = "fake"
                 mid[hit] = f["fakeId"].to_numpy()[j[hit]]
+        if kinds is not None and radius_max is not None:
+            _relabel_host_blends(lab, mid, xy, float(radius_max), tf, kinds, truth_sources, f)
         label[out.index.get_indexer(idx)] = lab
         match_id[out.index.get_indexer(idx)] = mid
     out["truthClass"] = label.astype(str)

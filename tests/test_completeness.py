@@ -97,3 +97,30 @@ def test_faint_fake_matches_within_its_centroid_error():
     assert match_radii(nan, 2.0, 3.0, 4.0)[0] == 4.0
     # the fixed radius alone (nsigma 0, the former behaviour) misses the faint one
     assert classify(dia, fakes, radius=2.0)["truthClass"].tolist() == ["false"] * 3
+
+
+def test_blend_of_a_host_fake_and_a_supernova_on_the_nucleus_is_real():
+    """A host fake 2.2 px and a supernova 2.4 px on either side of their galaxy's nucleus: the blend's centroid
+    falls on the nucleus, beyond the match radius of both.  It takes the nearer of the two galaxy's guests
+    within match_radius_max (a galaxy does not vary); a residual at a galaxy hosting nothing within 4 px
+    stays an artefact."""
+    from diapipe.completeness import classify
+
+    ts = pd.DataFrame({"source_id": [1, 2, 3], "kind": ["galaxy", "sn", "galaxy"], "host_id": [np.nan, 1.0, np.nan]})
+    tf = pd.DataFrame({"source_id": [1, 2, 3], "visit": 1, "detector": 0, "x": [100.3, 102.8, 400.0],
+                       "y": [100.0, 100.0, 400.0]})
+    fakes = pd.DataFrame({"fakeId": [7, 8], "visit": 1, "detector": 0, "x": [98.25, 405.0], "y": [100.0, 400.0],
+                          "hostId": [1, 3], "flux": 1000.0})
+    dia = pd.DataFrame({"diaSourceId": [11, 12], "visit": 1, "detector": 0, "x": [100.4, 400.2],
+                        "y": [100.0, 400.0], "xErr": 0.05, "yErr": 0.05, "snr": 40.0, "isNegative": False,
+                        "isDipole": False})
+    cls = classify(dia, fakes, tf, ts, radius=2.0, nsigma=3.0, radius_max=4.0)
+    assert cls["truthClass"].tolist() == ["fake", "artefact"]  # the second galaxy's fake is 4.8 px away
+    assert cls["truthId"].tolist() == [7, 3]
+    # without the fake, the supernova
+    cls = classify(dia, fakes.iloc[1:], tf, ts, radius=2.0, nsigma=3.0, radius_max=4.0)
+    assert cls["truthClass"].tolist() == ["transient", "artefact"] and cls["truthId"].iloc[0] == 2
+    # a star is not a host: the same geometry around a star stays an artefact
+    cls = classify(dia, fakes.iloc[1:], tf, ts.assign(kind=["star", "sn", "galaxy"]), radius=2.0, nsigma=3.0,
+                   radius_max=4.0)
+    assert cls["truthClass"].tolist() == ["artefact", "artefact"]
