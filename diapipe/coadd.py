@@ -864,6 +864,13 @@ def fill_rejected_pixels(warps, wts, used_maps, num, den, cell: int = FILL_CELL,
         return fnum, fden, filled
     h = size // 2
     tiny = 1e-6 * float(np.max(wts))  # den - w_i is a rounding residue where visit i was alone
+    cell_psfs = {}  # (y0, x0) -> every warp's PSF at that cell's centre, evaluated once for all visits
+
+    def psfs_at(y0, x0, yc, xc):
+        if (y0, x0) not in cell_psfs:
+            cell_psfs[y0, x0] = [_psf_stamp(wj, xc, yc, size) if wj.psf is not None else None for wj in warps]
+        return cell_psfs[y0, x0]
+
     for i, (w, wt, use) in enumerate(zip(warps, wts, used_maps)):
         if w.psf is None:
             continue
@@ -880,18 +887,16 @@ def fill_rejected_pixels(warps, wts, used_maps, num, den, cell: int = FILL_CELL,
                     continue
                 yc, xc = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2
                 # the others' PSF at the cell centre: weighted mean over the visits used in the cell
+                psfs = psfs_at(y0, x0, yc, xc)
                 acc, tot = np.zeros((size, size)), 0.0
-                for j, (wj, wtj, uj) in enumerate(zip(warps, wts, used_maps)):
-                    if j == i or wj.psf is None or not uj[y0:y1, x0:x1].any():
+                for j, (pj, wtj, uj) in enumerate(zip(psfs, wts, used_maps)):
+                    if j == i or pj is None or not uj[y0:y1, x0:x1].any():
                         continue
-                    st = wj.psf.image(xc, yc)
-                    acc += wtj * (np.pad(st, (size - st.shape[0]) // 2) if st.shape[0] != size else st)
+                    acc += wtj * pj
                     tot += wtj
                 if tot <= 0:
                     continue
-                pi = w.psf.image(xc, yc)
-                pi = np.pad(pi, (size - pi.shape[0]) // 2) if pi.shape[0] != size else pi
-                k = matching_kernel(acc / tot, pi, reg=reg)
+                k = matching_kernel(acc / tot, psfs[i], reg=reg)
                 by0, by1, bx0, bx1 = max(y0 - h, 0), min(y1 + h, shape[0]), max(x0 - h, 0), min(x1 + h, shape[1])
                 ob = others_den[by0:by1, bx0:bx1]
                 ok = ob > tiny
@@ -908,6 +913,12 @@ def fill_rejected_pixels(warps, wts, used_maps, num, den, cell: int = FILL_CELL,
                 fden[y0:y1, x0:x1][fill] += wt
                 filled[i][y0:y1, x0:x1][fill] = True
     return fnum, fden, filled
+
+
+def _psf_stamp(w: Exposure, x: float, y: float, size: int) -> np.ndarray:
+    """The warp's PSF at (x, y), zero-padded to size x size (the largest PSF stamp of a coadd's warps)."""
+    st = w.psf.image(x, y)
+    return np.pad(st, (size - st.shape[0]) // 2) if st.shape[0] != size else st
 
 
 def coadd_psf(warps, wts, used_maps, order: int = 1, grid: int = 5) -> PixelPsf | None:
@@ -934,10 +945,7 @@ def coadd_psf(warps, wts, used_maps, order: int = 1, grid: int = 5) -> PixelPsf 
                 x0, x1 = max(0, xi - 3), min(shape[1], xi + 4)
                 if w.psf is None or u[y0:y1, x0:x1].mean() < 0.5:
                     continue
-                st = w.psf.image(xi, yi)
-                if st.shape[0] != size:
-                    st = np.pad(st, (size - st.shape[0]) // 2)
-                acc += wt * st
+                acc += wt * _psf_stamp(w, xi, yi, size)
                 tot += wt
             if tot > 0:
                 stamps.append(acc / tot)

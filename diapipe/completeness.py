@@ -284,42 +284,39 @@ def curve(matched: pd.DataFrame, by: str, bins) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _relabel_host_blends(lab, mid, xy, radius_max, tf, kinds, truth_sources, f) -> None:
+def _relabel_host_blends(lab, mid, xy, radius_max, tf, kinds, host_of, f) -> None:
     """A diaSource matched to a static galaxy that hosts a fake or a transient within ``radius_max``
-    px of it takes the nearest of those (in place).
+    px of it takes the nearest of those (in place).  ``host_of``: host_id by source_id.
 
     A galaxy does not vary, while its fake or supernova does: when the two blend (a host fake and
     a supernova 2 px on either side of the nucleus), the centroid lands on the nucleus, beyond the
     match radius of both, and the diaSource was labelled a static-source residual."""
-    cand = np.flatnonzero(lab == "artefact")
-    if not cand.size:
+    cand = [i for i in np.flatnonzero(lab == "artefact") if kinds.get(mid[i]) == "galaxy"]
+    if not cand:
         return
-    host_of = truth_sources.set_index("source_id")["host_id"] if "host_id" in truth_sources else None
-    rows = []  # (x, y, hostId, label, id) of every hosted fake / transient on this exposure
+    # every hosted transient and fake of this exposure: x, y, host, label, id
+    parts = []
     if host_of is not None and len(tf):
         k = kinds.reindex(tf["source_id"]).to_numpy()
-        h = host_of.reindex(tf["source_id"]).to_numpy()
-        for x, y, sid, kk, hh in zip(tf["x"].to_numpy(float), tf["y"].to_numpy(float), tf["source_id"].to_numpy(),
-                                     k, h):
-            if kk in TRANSIENT_KINDS and kk not in ("star", "galaxy") and np.isfinite(hh) and hh >= 0:
-                rows.append((x, y, int(hh), TRANSIENT_KINDS[kk], int(sid)))
+        h = host_of.reindex(tf["source_id"]).to_numpy(float)
+        varying = [q for q, c in TRANSIENT_KINDS.items() if c != "artefact"]
+        sel = np.isin(k, varying) & np.isfinite(h) & (h >= 0)
+        parts.append((tf["x"].to_numpy(float)[sel], tf["y"].to_numpy(float)[sel], h[sel],
+                      np.array([TRANSIENT_KINDS[q] for q in k[sel]], dtype=object), tf["source_id"].to_numpy()[sel]))
     if f is not None and len(f) and "hostId" in f:
-        for x, y, hh, fid in zip(f["x"].to_numpy(float), f["y"].to_numpy(float), f["hostId"].to_numpy(),
-                                 f["fakeId"].to_numpy()):
-            if np.isfinite(hh) and hh >= 0:
-                rows.append((x, y, int(hh), "fake", int(fid)))
-    if not rows:
+        h = f["hostId"].to_numpy(float)
+        sel = np.isfinite(h) & (h >= 0)
+        parts.append((f["x"].to_numpy(float)[sel], f["y"].to_numpy(float)[sel], h[sel],
+                      np.full(int(sel.sum()), "fake", dtype=object), f["fakeId"].to_numpy()[sel]))
+    if not parts:
         return
-    rx, ry = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-    rh = np.array([r[2] for r in rows])
+    rx, ry, rh, rlab, rid = (np.concatenate(c) for c in zip(*parts))
     for i in cand:
-        if kinds.get(mid[i]) != "galaxy":
-            continue
         dist = np.hypot(rx - xy[i, 0], ry - xy[i, 1])
         ok = (rh == mid[i]) & (dist <= radius_max)
         if ok.any():
             j = int(np.flatnonzero(ok)[np.argmin(dist[ok])])
-            lab[i], mid[i] = rows[j][3], rows[j][4]
+            lab[i], mid[i] = rlab[j], int(rid[j])
 
 
 def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes: pd.DataFrame | None = None,
@@ -332,9 +329,11 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
     out = dia[["diaSourceId", "visit", "detector", "x", "y", "snr", "isNegative", "isDipole"]].copy()
     label = np.full(len(out), "false", dtype=object)
     match_id = np.full(len(out), -1, np.int64)
-    kinds = None
+    kinds = host_of = None
     if truth_sources is not None and truth_fluxes is not None:
         kinds = truth_sources.set_index("source_id")["kind"]
+        if "host_id" in truth_sources:
+            host_of = truth_sources.set_index("source_id")["host_id"]
     for (v, d), idx in out.groupby(["visit", "detector"]).groups.items():
         xy = out.loc[idx, ["x", "y"]].to_numpy(float)
         rr = radii[out.index.get_indexer(idx)]
@@ -363,7 +362,7 @@ def classify(dia: pd.DataFrame, fakes: pd.DataFrame | None = None, truth_fluxes:
                 lab[hit] = "fake"
                 mid[hit] = f["fakeId"].to_numpy()[j[hit]]
         if kinds is not None and radius_max is not None:
-            _relabel_host_blends(lab, mid, xy, float(radius_max), tf, kinds, truth_sources, f)
+            _relabel_host_blends(lab, mid, xy, float(radius_max), tf, kinds, host_of, f)
         label[out.index.get_indexer(idx)] = lab
         match_id[out.index.get_indexer(idx)] = mid
     out["truthClass"] = label.astype(str)

@@ -520,7 +520,7 @@ def _footprints(nu, valid, thr, cfg, fwhm, mask):
     # next to a bad column was split in two, and the half beside the column became a second,
     # spurious diaSource 3-5 px from the first, its centroid failing against the masked pixels.
     # Peaks and pixel counts stay on valid pixels.
-    reach = valid | (ndimage.binary_dilation(valid, iterations=BRIDGE_PX) & (nu != 0))
+    reach = valid if valid.all() else valid | (masks.grow_cross(valid, BRIDGE_PX) & (nu != 0))
     pos_map = (nu >= thr) & reach if polarity in ("both", "positive") else np.zeros(nu.shape, bool)
     neg_map = (nu <= -thr) & reach if polarity in ("both", "negative") else np.zeros(nu.shape, bool)
     lab_p, n_p = ndimage.label(pos_map)
