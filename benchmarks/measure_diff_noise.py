@@ -12,6 +12,9 @@ For every diffexp of the run, against the simulation truth:
   log10 of the flux for bright sources), plus its robust (IQR) version;
 * ``stars``: the same pooled over 15 x 15 boxes centred on the 50 brightest
   true stars whose box is entirely unmasked (so unsaturated);
+* ``stars_stamp``, ``stars_other``: the same boxes split into the stars the kernel was
+  fitted to (used rows of the diffexp's STAMPS HDU) and the others (out of sample;
+  ``nbox_other`` of them, a few per image, so the summary also pools them over all images);
 * ``stars_fullcov``: the same for the 50 brightest of the stars where every
   visit of the template coadd is used (its NIMAGE plane): elsewhere the
   template's PSF is a mean over fewer visits, which no smooth kernel follows;
@@ -68,16 +71,17 @@ def near_sources(shape, t: pd.DataFrame, fwhm: float) -> np.ndarray:
     return near
 
 
-def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15, keep=None):
+def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15, keep=None, return_boxes=False):
     """diff/sqrt(var) pooled over ``box`` x ``box`` boxes of the n brightest stars with an unmasked box.
 
     ``keep``: optional boolean per row of ``t``; stars where it is False are skipped.
+    ``return_boxes``: return (list of the boxes' values, (n, 2) box centres x, y) instead.
     """
     h = box // 2
     ny, nx = z.shape
     stars = t[t["kind"] == "star"] if keep is None else t[(t["kind"] == "star").to_numpy() & keep]
     stars = stars.sort_values("flux", ascending=False)
-    vals = []
+    vals, where = [], []
     for x, y in zip(stars["x"].to_numpy(float), stars["y"].to_numpy(float)):
         ix, iy = int(round(x)), int(round(y))
         if iy - h < 0 or ix - h < 0 or iy + h >= ny or ix + h >= nx:
@@ -86,9 +90,28 @@ def star_boxes(z, good, t: pd.DataFrame, n_bright=50, box=15, keep=None):
         if not good[win].all():
             continue
         vals.append(z[win].ravel())
+        where.append((x, y))
         if len(vals) == n_bright:
             break
+    if return_boxes:
+        return vals, np.array(where, float).reshape(-1, 2)
     return (np.concatenate(vals) if vals else np.array([np.nan])), len(vals)
+
+
+def stamp_stars(d: Exposure, where: np.ndarray, radius: float = 2.0) -> np.ndarray:
+    """Per box centre: is it one of the kernel fit's stamps (a used row of the diffexp's STAMPS HDU)?
+
+    The 50 brightest stars are mostly the stamps the kernel was fitted to, so their boxes measure
+    the fit on its own data; the other bright stars (rejected or unselected: neighbours, masked
+    pixels, variables) are the out-of-sample check.
+    """
+    hdu = next((h for h in (d.extra_hdus or []) if h.name == "STAMPS"), None)
+    if hdu is None or hdu.data is None or not len(where):
+        return np.zeros(len(where), bool)
+    st = hdu.data
+    used = np.asarray(st["used"], bool)
+    sx, sy = np.asarray(st["x"], float)[used], np.asarray(st["y"], float)[used]
+    return np.array([bool((np.hypot(sx - x, sy - y) < radius).any()) for x, y in where])
 
 
 def full_coverage(d, t: pd.DataFrame, coadds, half: int = 12) -> np.ndarray:
@@ -136,6 +159,10 @@ def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=N
     fwhm = 2.3548 * float(m.get("PSFSIGS", 1.5))
     blank = good & ~near_sources(d.shape, t, fwhm)
     zs, nbox = star_boxes(z, good, t)
+    boxes, where = star_boxes(z, good, t, return_boxes=True)
+    is_stamp = stamp_stars(d, where)
+    ss = np.array([float(np.sum(b.astype(float) ** 2)) for b in boxes])
+    npx = np.array([b.size for b in boxes])
     zf, nbox_f = star_boxes(z, good, t, keep=full_coverage(d, t, coadds)) if coadds else (np.array([np.nan]), 0)
     # what detection and forced photometry see: the PSF matched filter's noise over the same blank sky
     from diapipe.detect import matched_filter
@@ -157,7 +184,12 @@ def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=N
            "blank_iqr": _iqr_std(z[blank]), "blank_frac": float(blank.mean()), "mf_blank": float(np.std(nu[mf])),
            "mf_robust": float(mf_all),
            "stars": float(np.std(zs)),
-           "nbox": nbox, "stars_fullcov": float(np.std(zf)), "nbox_fullcov": nbox_f, "trail_px": int(trail.sum()), "DIFFRMS": m.get("DIFFRMS"), "SVARSCAL": m.get("SVARSCAL", np.nan),
+           "nbox": nbox,
+           "stars_stamp": float(np.sqrt(ss[is_stamp].sum() / max(npx[is_stamp].sum(), 1))) if is_stamp.any() else np.nan,
+           "stars_other": float(np.sqrt(ss[~is_stamp].sum() / max(npx[~is_stamp].sum(), 1))) if (~is_stamp).any() else np.nan,
+           "nbox_other": int((~is_stamp).sum()), "_ss_other": float(ss[~is_stamp].sum()), "_px_other": int(npx[~is_stamp].sum()),
+           "_ss_stamp": float(ss[is_stamp].sum()), "_px_stamp": int(npx[is_stamp].sum()),
+           "stars_fullcov": float(np.std(zf)), "nbox_fullcov": nbox_f, "trail_px": int(trail.sum()), "DIFFRMS": m.get("DIFFRMS"), "SVARSCAL": m.get("SVARSCAL", np.nan),
            "TVARSCAL": m.get("TVARSCAL", np.nan), "TNOISCOR": m.get("TNOISCOR", np.nan),
            "TNRESAMP": m.get("TNRESAMP", np.nan)}
     if dia is not None:
@@ -213,7 +245,7 @@ def main(argv=None) -> int:
         return 1
     out = pd.DataFrame(rows).sort_values(["visit", "detector"])
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.4f}".format):
-        print(out.to_string(index=False))
+        print(out[[c for c in out.columns if not c.startswith("_")]].to_string(index=False))
     ok_b = (out["blank"] - 1).abs() < 0.01
     ok_s = (out["stars"] - 1).abs() < 0.02
     print(f"\nblank-sky std: median {out['blank'].median():.4f}, range {out['blank'].min():.4f}-"
@@ -225,6 +257,11 @@ def main(argv=None) -> int:
         print(f"bright-star boxes where every template visit is used (coadd NIMAGE = NVISITS within 12 px): "
               f"median {out['stars_fullcov'].median():.4f}, range {out['stars_fullcov'].min():.4f}-"
               f"{out['stars_fullcov'].max():.4f}; within 2% of 1: {int(ok_f.sum())}/{len(out)}")
+    # pooled over all images: a few non-stamp stars per image are too few for a per-image figure
+    print(f"bright-star boxes, pooled over all images: kernel stamps "
+          f"{np.sqrt(out['_ss_stamp'].sum() / max(out['_px_stamp'].sum(), 1)):.4f} ({int(out['nbox'].sum() - out['nbox_other'].sum())} boxes), "
+          f"other stars (out of sample) {np.sqrt(out['_ss_other'].sum() / max(out['_px_other'].sum(), 1)):.4f} "
+          f"({int(out['nbox_other'].sum())} boxes)")
     print(f"matched-filter std on blank sky: median {out['mf_blank'].median():.4f}, range "
           f"{out['mf_blank'].min():.4f}-{out['mf_blank'].max():.4f}")
     print(f"matched-filter robust std (detection's noiseScale estimate): median {out['mf_robust'].median():.4f}, "
