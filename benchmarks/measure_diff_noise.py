@@ -158,8 +158,8 @@ def measure_one(diff_path, truth: pd.DataFrame, dia: pd.DataFrame | None, plan=N
     t = truth[(truth["visit"] == visit) & (truth["detector"] == det)]
     fwhm = 2.3548 * float(m.get("PSFSIGS", 1.5))
     blank = good & ~near_sources(d.shape, t, fwhm)
-    zs, nbox = star_boxes(z, good, t)
     boxes, where = star_boxes(z, good, t, return_boxes=True)
+    zs, nbox = (np.concatenate(boxes) if boxes else np.array([np.nan])), len(boxes)
     is_stamp = stamp_stars(d, where)
     ss = np.array([float(np.sum(b.astype(float) ** 2)) for b in boxes])
     npx = np.array([b.size for b in boxes])

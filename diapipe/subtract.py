@@ -51,7 +51,7 @@ Conventions
   blank-sky cells (no bad/EDGE pixels, no DETECTED/INJECTED footprints, no
   smoothed-S/N > 4 source pixels of either input) and subtracted: DBGMED is
   its median over the good pixels [image units/px], DBGRMS the scatter of
-  the cell medians about it.
+  the cell levels about it.
 * When the science PSF is the sharper one (and ``template`` was asked for)
   the science image is convolved instead (CONVFLIP=T, default), and the
   normal equations are debiased for its noise (``debias_noise``); or, with
@@ -308,7 +308,7 @@ def source_mask(image, variance, good, sigma: float, nsigma: float = BLANK_NSIGM
 
 
 @numba.njit(cache=True, nogil=True)
-def _cell_levels(diff, ok, cell, min_blank, med_map, n_map):  # pragma: no cover
+def _cell_levels(diff, ok, cell, min_blank, level_map, n_map):  # pragma: no cover
     """Per mesh cell: the mean of the ``ok`` pixels within 4 sigma (MAD) of their median.
 
     A mean, not the median: photon noise is skewed (gamma = 1/sqrt(N_e-)), and the median of
@@ -325,8 +325,8 @@ def _cell_levels(diff, ok, cell, min_blank, med_map, n_map):  # pragma: no cover
     ny, nx = diff.shape
     buf = np.empty(cell * cell, np.float32)
     dev = np.empty(cell * cell, np.float32)
-    for cy in range(med_map.shape[0]):
-        for cx in range(med_map.shape[1]):
+    for cy in range(level_map.shape[0]):
+        for cx in range(level_map.shape[1]):
             y0, x0 = cy * cell, cx * cell
             y1, x1 = min(y0 + cell, ny), min(x0 + cell, nx)
             n = 0
@@ -342,6 +342,7 @@ def _cell_levels(diff, ok, cell, min_blank, med_map, n_map):  # pragma: no cover
             for i in range(n):
                 dev[i] = abs(v[i] - med)
             sig = 1.4826 * np.median(dev[:n])
+            level = med
             if sig > 0:
                 m = 0
                 tot = 0.0
@@ -349,9 +350,9 @@ def _cell_levels(diff, ok, cell, min_blank, med_map, n_map):  # pragma: no cover
                     if abs(v[i] - med) < 4.0 * sig:
                         tot += v[i]
                         m += 1
-                med = tot / m
+                level = tot / m
                 n = m
-            med_map[cy, cx] = med
+            level_map[cy, cx] = level
             n_map[cy, cx] = n
 
 
@@ -365,39 +366,39 @@ def residual_background(diff, good, order: int, cell: int = 0, min_blank: float 
     without a sky term turns into -1..-3% of every source's flux.  Here, as the
     SExtractor / LSST background mesh: the clipped mean of the blank pixels (``good``)
     of each cell of a coarse mesh (``_cell_levels``: a mean, as LSST's MEANCLIP), then a polynomial of ``order`` in x, y fitted
-    to the cell medians (weighted by their pixel counts, outlying cells clipped
+    to the cell levels (weighted by their pixel counts, outlying cells clipped
     at ``clip`` robust sigma).
 
     Returns (map (image units, float32, to be subtracted), info dict with
     ``median`` (of the map over ``good``), ``rms`` (robust scatter of the cell
-    medians about the fit), ``ncell`` (cells used), ``order`` (used)), or
+    levels about the fit), ``ncell`` (cells used), ``order`` (used)), or
     (None, info) when there is too little blank sky.
     """
     ny, nx = diff.shape
     cell = cell or int(np.clip(min(nx, ny) // 16, 32, 256))
     ok = good & np.isfinite(diff)
     cy, cx = -(-ny // cell), -(-nx // cell)
-    med_map = np.full((cy, cx), np.nan)
+    level_map = np.full((cy, cx), np.nan)
     n_map = np.zeros((cy, cx), np.int64)
-    _cell_levels(np.asarray(diff, np.float32), ok, cell, min_blank, med_map, n_map)
-    use_cell = np.isfinite(med_map)
+    _cell_levels(np.asarray(diff, np.float32), ok, cell, min_blank, level_map, n_map)
+    use_cell = np.isfinite(level_map)
     iy, ix = np.nonzero(use_cell)
     xs = ix * cell + (np.minimum((ix + 1) * cell, nx) - ix * cell - 1) / 2.0
     ys = iy * cell + (np.minimum((iy + 1) * cell, ny) - iy * cell - 1) / 2.0
-    meds, ns = med_map[use_cell], n_map[use_cell]
-    info = {"median": 0.0, "rms": float("nan"), "ncell": len(meds), "order": -1}
-    if not len(meds):
+    levels, ns = level_map[use_cell], n_map[use_cell]
+    info = {"median": 0.0, "rms": float("nan"), "ncell": len(levels), "order": -1}
+    if not len(levels):
         return None, info
     # the order the cells can carry: 3 cells per polynomial term, else a lower order
-    while order > 0 and len(meds) < 3 * len(poly_terms(order)):
+    while order > 0 and len(levels) < 3 * len(poly_terms(order)):
         order -= 1
     x0, y0, sx, sy = (nx - 1) / 2.0, (ny - 1) / 2.0, nx / 2.0, ny / 2.0
     A = poly_design(xs, ys, order, x0, y0, sx, sy)
-    use = np.ones(len(meds), bool)
+    use = np.ones(len(levels), bool)
     w = np.sqrt(ns.astype(float))
     for _ in range(3):
-        coef, *_ = np.linalg.lstsq(A[use] * w[use, None], meds[use] * w[use], rcond=None)
-        res = meds - A @ coef
+        coef, *_ = np.linalg.lstsq(A[use] * w[use, None], levels[use] * w[use], rcond=None)
+        res = levels - A @ coef
         s = 1.4826 * np.median(np.abs(res[use])) if use.sum() > 2 else 0.0
         new = np.abs(res) <= clip * s if s > 0 else use
         if new.sum() < len(coef) or np.array_equal(new, use):
@@ -921,7 +922,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | dic
     header.update({
         "DBGMED": (round(binfo["median"], 4), "residual background removed: median [image units/px]"),
         "DBGRMS": (round(binfo["rms"], 4) if np.isfinite(binfo["rms"]) else -1.0,
-                   "scatter of blank-sky cell medians about it [/px]"),
+                   "scatter of blank-sky cell levels about it [/px]"),
         "DBGNCELL": (binfo["ncell"], "blank-sky mesh cells used for the residual background"),
         "DBGORDER": (binfo["order"], "residual background polynomial order (-1: none)"),
     })
