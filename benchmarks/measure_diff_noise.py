@@ -221,6 +221,8 @@ def main(argv=None) -> int:
         tf["reff_px"] = tf["source_id"].map(info["reff"]).fillna(0.0) / scale
     dia = None
     try:
+        if a.diff_dir:  # the run's detection noiseScale belongs to its own diffexps, not to these
+            raise FileNotFoundError
         p = b.get("diaSources")
         dia = pd.read_parquet(p, columns=["visit", "detector", "noiseScale"]) if p.exists() else None
     except Exception:  # noqa: BLE001 - the noise table does not need it
