@@ -73,12 +73,13 @@ KCVCHI<order>), and the order used (KORDER) is the highest one within
 ``spatial_order_cv_tolerance`` (5%) of the best score.  The held-out chi2 is
 ruled by the many faint stamps, which barely tell the orders apart (on the
 default survey the orders 0-4 score within 1-4% of each other), while the
-brightest stars need the spatial detail (where the template's coverage, and
-so its PSF, changes): on the 16 default-survey diffexps the 15x15 boxes
-around the 50 brightest stars have std(D/sigma) within 2% of 1 on 15/16 with
-this rule up to order 4 (order 4 on 12, 3 on the 4 with too few stamps for
-4), 11/16 up to order 3, 8/16 at a fixed order 2, and 4/16 with the lowest
-order within 0.5% of the best (the earlier rule, mostly order 0-1).  An order
+brightest stars need the spatial detail (their own local kernels differ from a
+low-order model by more than their noise, as much where the template's coverage
+is constant as where it steps; docs/subtract.md): on the 16 default-survey
+diffexps the 15x15 boxes around the 50 brightest stars have std(D/sigma) within
+2% of 1 on 15/16 with this rule up to order 4 (order 4 on 15, 3 on the one with
+too few stamps for 4), 12/16 up to order 3, 7/16 at a fixed order 2, and 4/16
+with the lowest order within 0.5% of the best (the earlier rule, mostly order 0-1).  An order
 that fits noise scores clearly worse and is refused: on 512^2 synthetic pairs
 where the noisy science image is convolved (debiased normal equations) order
 4 leaves 28% excess scatter around bright stars and a 4.6% flux bias, and the
