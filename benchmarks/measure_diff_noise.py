@@ -16,8 +16,9 @@ For every diffexp of the run, against the simulation truth:
   fitted to (used rows of the diffexp's STAMPS HDU) and the others (out of sample;
   ``nbox_other`` of them, a few per image, so the summary also pools them over all images);
 * ``stars_fullcov``: the same for the 50 brightest of the stars where every
-  visit of the template coadd is used (its NIMAGE plane): elsewhere the
-  template's PSF is a mean over fewer visits, which no smooth kernel follows;
+  visit of the template coadd is used (its NIMAGE plane).  Mind the selection:
+  these are fainter stars (a sixth of the stars have full coverage), and star
+  boxes grow with the flux; at matched flux the two kinds agree (docs/subtract.md);
 * ``mf_blank``: std of the PSF matched-filtered significance (diapipe.detect.
   matched_filter) over blank-sky pixels whose PSF footprint is all valid: the
   noise detection thresholds and forced photometry errors rely on;
