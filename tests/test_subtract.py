@@ -478,12 +478,16 @@ def test_spatial_order_choice_is_the_highest_within_tolerance():
     # tolerance 0: the best-scoring order itself
     d0 = subtract(s, t, {"spatial_order_cv_tolerance": 0.0})
     assert d0.metadata["KORDER"] == min(cv, key=cv.get)
-    # science convolved (debiased normal equations): higher orders fit noise and score clearly worse
+    # science convolved (debiased normal equations): an order that predicts clearly worse is refused
+    # (measured: orders 0-2 within 2.3% of the best, 3 at +5.2%, 4 at +10%: order 2 is used)
     s8, t8, truth8 = make_pair(512, 0.8, seed=3)
     d8 = subtract(s8, t8)
     m8 = d8.metadata
-    assert m8["CONVDIR"] == "science" and m8["KORDER"] == 0
-    assert max(m8[f"KCVCHI{o}"] for o in (1, 2)) > 1.05 * m8["KCVCHI0"]
+    cv8 = {o: m8[f"KCVCHI{o}"] for o in range(5)}
+    assert m8["CONVDIR"] == "science"
+    assert m8["KORDER"] == max(o for o, v in cv8.items() if v <= 1.05 * min(cv8.values())) < 4
+    assert cv8[4] > 1.05 * min(cv8.values())
+    assert m8["KSUM"] == pytest.approx(truth8["flux_scale"], rel=0.005)  # measured 0.7978 for 0.8
     _, stars, _ = residual_stats(d8, truth8)
     assert abs(stars - 1) < 0.02
 
@@ -526,3 +530,20 @@ def test_apply_kernel_equals_one_convolution_per_term():
         ref += sol.bg_coeffs[m] * t
     out = kmod.apply_kernel(sol, src)
     assert np.abs(out - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_debiased_normal_matrix():
+    """A - noise where the signal dominates; where the noise term is the larger, never below
+    DEBIAS_FLOOR x the raw curvature (the stamp matrices stay positive definite)."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(6, 200))
+    A = X @ X.T
+    small = 0.01 * np.eye(6)
+    np.testing.assert_allclose(kmod.debiased(A, small), A - small, rtol=1e-9, atol=1e-9)
+    big = 10 * np.trace(A) * np.eye(6)
+    ev = np.linalg.eigvalsh(kmod.debiased(A, big))
+    np.testing.assert_allclose(ev, kmod.DEBIAS_FLOOR * np.linalg.eigvalsh(A), rtol=1e-9)
+    # stacked matrices, as stamp_system passes them
+    both = kmod.debiased(np.stack([A, A]), np.stack([small, big]))
+    np.testing.assert_allclose(both[0], A - small, rtol=1e-9, atol=1e-9)
+    assert np.all(np.linalg.eigvalsh(both[1]) > 0)
