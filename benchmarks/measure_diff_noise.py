@@ -221,13 +221,12 @@ def main(argv=None) -> int:
         scale = float(sim_config(cfg)["pixel_scale"])
         tf["reff_px"] = tf["source_id"].map(info["reff"]).fillna(0.0) / scale
     dia = None
-    try:
-        if a.diff_dir:  # the run's detection noiseScale belongs to its own diffexps, not to these
-            raise FileNotFoundError
-        p = b.get("diaSources")
-        dia = pd.read_parquet(p, columns=["visit", "detector", "noiseScale"]) if p.exists() else None
-    except Exception:  # noqa: BLE001 - the noise table does not need it
-        dia = None
+    if not a.diff_dir:  # the run's detection noiseScale belongs to its own diffexps, not to re-subtracted ones
+        try:
+            p = b.get("diaSources")
+            dia = pd.read_parquet(p, columns=["visit", "detector", "noiseScale"]) if p.exists() else None
+        except Exception:  # noqa: BLE001 - the noise table does not need it
+            dia = None
     root = Path(a.diff_dir) if a.diff_dir else None
     paths = sorted((root or (wd / "results" / "diff")).glob("*/*.fits"))
     paths = [p for p in paths if p.stem.isdigit() and (not a.visits or int(p.parent.name) in a.visits)]

@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     wd = a.rundir
     overlays = [wd / "config" / "config.yaml", *([wd / a.config] if a.config else [])]
     cfg = dpconfig.load(*overlays)
-    cfg["subtract"].update(parse_sets(a.sets))
+    overrides = parse_sets(a.sets)
+    cfg["subtract"].update(overrides)
     cfg = dpconfig.validate(cfg)  # a mistyped key or value is refused here, not deep in subtract
     b = Butler(cfg["datasets"], root=wd)
     science = "calexp_fakes" if cfg["fakes"]["enabled"] else "calexp"
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         print(f"no diffexps under {wd / 'results' / 'diff'}", file=sys.stderr)
         return 1
     print(f"re-subtracting {len(jobs)} difference images into {out} with subtract overrides "
-          f"{parse_sets(a.sets) or '(none)'}")
+          f"{overrides or '(none)'}")
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         for line in pool.map(_one, jobs):
             print(line, flush=True)

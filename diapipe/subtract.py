@@ -171,6 +171,8 @@ class SubtractConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown subtract settings {sorted(unknown)}")
+        if isinstance(d.get("debias_noise"), bool):  # YAML 1.1 reads an unquoted on / off as true / false
+            d["debias_noise"] = "on" if d["debias_noise"] else "off"
         return cls(**d)
 
 
@@ -1079,8 +1081,6 @@ def _debias(cfg, direction) -> bool:
     convolved (debiased, a 256^2 test pair's blank-sky noise goes 0.993 -> 0.989).
     """
     mode = cfg.debias_noise
-    if mode is True:  # YAML 1.1 reads an unquoted on as true
-        mode = "on"
     return mode == "on" or (mode == "auto" and (direction == "science" or cfg.basis != "delta"))
 
 
